@@ -1,1 +1,15 @@
+//! passthroughd as a library: everything the daemon does, with a thin `main.rs` on top.
+//!
+//! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
+//! live `/sys`, a tree captured from a real kernel, or a synthetic one.
 
+pub mod groups;
+pub mod inventory;
+pub mod pciids;
+pub mod synthetic;
+pub mod sysfs;
+pub mod table;
+
+pub use inventory::{Inventory, InventoryError};
+pub use pciids::PciIds;
+pub use sysfs::SysfsRoot;

@@ -1,0 +1,158 @@
+//! Where kernel state lives, relative to a root that is a parameter.
+//!
+//! On a host the root is `/`; tests point it at a tree captured from a real kernel
+//! (`tests/fixtures/`) or at a simulated one. Every path the daemon reads is built here from a
+//! typed value ([`PciAddress`], a group number), never from a caller's string.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use passthroughd_proto::PciAddress;
+
+/// A read of kernel state that failed for a reason other than the file being absent.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {}", path.display())]
+pub struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The filesystem root that `sys/` (and later `proc/`, `dev/`) hang off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysfsRoot {
+    root: PathBuf,
+}
+
+impl Default for SysfsRoot {
+    fn default() -> Self {
+        Self::new("/")
+    }
+}
+
+impl SysfsRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `sys/bus/pci/devices`: one symlink per PCI function, named by its address.
+    pub fn pci_devices_dir(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/devices")
+    }
+
+    /// The directory of one function.
+    pub fn pci_device_dir(&self, address: PciAddress) -> PathBuf {
+        let mut dir = self.pci_devices_dir();
+        dir.push(address.to_string());
+        dir
+    }
+
+    /// `sys/kernel/iommu_groups`: one directory per group; empty when the IOMMU is off.
+    pub fn iommu_groups_dir(&self) -> PathBuf {
+        self.root.join("sys/kernel/iommu_groups")
+    }
+}
+
+/// Reads a small sysfs attribute, trimmed of its trailing newline. `Ok(None)` when it does not
+/// exist, which for sysfs means "this device has no such property".
+///
+/// Sysfs attributes are at most a page; we read them with one `read` into a stack buffer rather
+/// than `fs::read_to_string`, which also stats the file: the inventory reads tens of thousands.
+pub fn read_attr(path: &Path) -> Result<Option<String>, ReadError> {
+    let fail = |source| ReadError {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fail(e)),
+    };
+    // A sysfs attribute is produced by one `show()` call and handed out whole by the first
+    // read, so a read shorter than the buffer is the complete value; that saves the second
+    // read(2) that would only confirm end-of-file. Longer values fall back to reading on.
+    let mut buf = [0u8; 512];
+    loop {
+        match file.read(&mut buf) {
+            Ok(n) if n < buf.len() => return Ok(Some(trim(&buf[..n]))),
+            Ok(_) => {
+                let mut all = Vec::from(&buf[..]);
+                file.read_to_end(&mut all).map_err(fail)?;
+                return Ok(Some(trim(&all)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A device removed while we read it: treat like an absent attribute.
+            Err(e) if e.raw_os_error() == Some(19) => return Ok(None), // ENODEV
+            Err(e) => return Err(fail(e)),
+        }
+    }
+}
+
+fn trim(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim_end().to_owned()
+}
+
+/// The last component of a symlink's target (`driver` → `igb`, `iommu_group` → `12`).
+/// `Ok(None)` when the link does not exist.
+pub fn read_link_name(path: &Path) -> Result<Option<String>, ReadError> {
+    match std::fs::read_link(path) {
+        Ok(target) => Ok(target
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ReadError {
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// Parses a sysfs hex attribute such as `0x8086`.
+pub fn parse_hex(text: &str) -> Option<u32> {
+    u32::from_str_radix(text.strip_prefix("0x").unwrap_or(text), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_trimmed_attributes_and_absent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vendor");
+        std::fs::write(&path, "0x8086\n").unwrap();
+        assert_eq!(read_attr(&path).unwrap().as_deref(), Some("0x8086"));
+        assert_eq!(read_attr(&dir.path().join("absent")).unwrap(), None);
+        let long = "x".repeat(1000);
+        std::fs::write(&path, &long).unwrap();
+        assert_eq!(read_attr(&path).unwrap(), Some(long));
+    }
+
+    #[test]
+    fn reads_link_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("../../bus/pci/drivers/igb", dir.path().join("driver")).unwrap();
+        assert_eq!(
+            read_link_name(&dir.path().join("driver"))
+                .unwrap()
+                .as_deref(),
+            Some("igb")
+        );
+        assert_eq!(
+            read_link_name(&dir.path().join("iommu_group")).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_hex_attributes() {
+        assert_eq!(parse_hex("0x8086"), Some(0x8086));
+        assert_eq!(parse_hex("0x020000"), Some(0x020000));
+        assert_eq!(parse_hex("zz"), None);
+    }
+}
