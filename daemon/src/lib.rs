@@ -3,13 +3,18 @@
 //! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
 //! live `/sys`, a tree captured from a real kernel, or a synthetic one.
 
+pub mod error;
 pub mod groups;
 pub mod inventory;
+pub mod kernel;
+pub mod manager;
 pub mod pciids;
 pub mod synthetic;
 pub mod sysfs;
 pub mod table;
 
+pub use error::{Error, ErrorKind};
 pub use inventory::{Inventory, InventoryError};
+pub use manager::{Caller, Manager, ManagerConfig};
 pub use pciids::PciIds;
 pub use sysfs::SysfsRoot;

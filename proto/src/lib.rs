@@ -6,3 +6,5 @@ pub mod device;
 
 pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
+pub mod ops;
+pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status};
