@@ -1,0 +1,42 @@
+# One entry point for people and CI. `make demo` and `make test` install what they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+VM_SCENARIOS := tests/vm/scenarios/inventory.sh
+
+.PHONY: demo test setup build lint unit vm bench capture
+
+## demo: boot a throwaway VM (real 6.12 kernel, emulated IOMMU and SR-IOV NIC) and show the inventory
+demo: setup
+	$(CARGO) build --release --bin passthroughd
+	PT_BIN=$(CURDIR)/target/release tests/vm/run.sh tests/vm/scenarios/demo.sh
+
+## test: everything CI runs: lint, unit and fixture tests, then the real-kernel VM scenarios
+test: setup lint unit vm
+
+setup:
+	tests/vm/setup.sh
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+vm: build
+	@for s in $(VM_SCENARIOS); do \
+	  echo "== VM scenario $$s"; \
+	  PT_VM_QUIET=1 tests/vm/run.sh $$s || exit 1; \
+	done
+
+## bench: inventory scan of the synthetic 4,096-function host (prints medians and the lspci ratio)
+bench:
+	$(CARGO) bench -p passthroughd --bench inventory
+
+## capture: re-capture the VM's sysfs tree into tests/fixtures/vm-6.12
+capture: setup build
+	tests/vm/capture.sh

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Boot a throwaway VM (QEMU q35 + intel-iommu, real Debian 6.12 kernel, host filesystem read-only
+# via virtme-ng) and run SCENARIO inside it as root.
+#
+#   tests/vm/run.sh SCENARIO_SCRIPT [ARGS...]
+#
+# Environment (all optional):
+#   PT_BIN          host dir with freshly built binaries (default: REPO/target/debug)
+#   PT_OUT          host dir shared read-write with the guest, same path inside (default: fresh temp dir)
+#   PT_VM_TIMEOUT   seconds before a hung guest is killed (default 300)
+#   PT_VM_ACCEL     tcg (default) | kvm | auto (kvm if it really boots a guest, else tcg)
+#   PT_VM_MEM       guest memory (default 1G);  PT_VM_CPUS: vCPUs (default 2)
+#   PT_KERNEL       kernel image (default: newest /boot/vmlinuz-6.12+)
+#   PT_VNG_VENV     virtme-ng venv (default /opt/virtme-ng, made by setup.sh)
+#   PT_VM_QUIET=1   do not stream the guest console (it is always kept in PT_OUT/console.log)
+# Exit status: 0 only if the scenario ran to `finish` and no check failed.
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+die() { echo "run.sh: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || die "usage: $0 SCENARIO_SCRIPT [ARGS...]"
+SCEN="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" || die "no such scenario: $1"
+[ -f "$SCEN" ] || die "no such scenario: $1"
+shift
+
+PT_BIN="${PT_BIN:-$REPO/target/debug}"
+TIMEOUT="${PT_VM_TIMEOUT:-300}"
+ACCEL="${PT_VM_ACCEL:-tcg}"
+MEM="${PT_VM_MEM:-1G}"
+CPUS="${PT_VM_CPUS:-2}"
+VNG_VENV="${PT_VNG_VENV:-/opt/virtme-ng}"
+KERNEL="${PT_KERNEL:-$(ls -1 /boot/vmlinuz-6.1[2-9]* /boot/vmlinuz-6.[2-9]* 2>/dev/null | sort -V | tail -n1)}"
+
+[ "$(id -u)" = 0 ] || die "must run as root (vng boots the host filesystem; the guest runs as root)"
+[ -x "$VNG_VENV/bin/vng" ] || die "virtme-ng missing: run tests/vm/setup.sh"
+[ -n "$KERNEL" ] && [ -r "$KERNEL" ] || die "no 6.12+ kernel in /boot: run tests/vm/setup.sh"
+export PATH="$VNG_VENV/bin:$PATH"   # vng runs virtme-run from PATH
+
+if [ -z "${PT_OUT:-}" ]; then
+    PT_OUT="$(mktemp -d "${TMPDIR:-/tmp}/pt-vm.XXXXXX")"
+fi
+mkdir -p "$PT_OUT" || die "cannot create PT_OUT=$PT_OUT"
+PT_OUT="$(cd "$PT_OUT" && pwd)"
+RESULTS="$PT_OUT/results.txt"
+CONSOLE="$PT_OUT/console.log"
+rm -f "$RESULTS" "$CONSOLE"
+
+kvm_works() {
+    [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
+    grep -qE '\b(vmx|svm)\b' /proc/cpuinfo || return 1
+    # Probe: KVM must run a guest with -cpu host (what vng uses), not just open /dev/kvm.
+    timeout 20 qemu-system-x86_64 -accel kvm -cpu host -machine q35,kernel-irqchip=split -nodefaults \
+        -display none -no-reboot -kernel "$KERNEL" -append 'panic=-1 console=none' -m 256 \
+        </dev/null >/dev/null 2>&1
+    [ $? = 0 ]
+}
+case "$ACCEL" in
+    tcg) use_kvm=0 ;;
+    kvm) use_kvm=1 ;;
+    auto) if kvm_works; then use_kvm=1; else use_kvm=0; fi ;;
+    *) die "PT_VM_ACCEL must be tcg, kvm or auto" ;;
+esac
+
+# The test devices. Root ports at fixed slots so guest addresses are stable:
+#   00:10.0 root port -> igb (SR-IOV PF, 7 VFs)
+#   00:11.0 root port -> e1000e
+#   00:12.0 root port -> pcie-pci-bridge -> e1000 (slot 1) + pcnet (slot 2), one IOMMU group
+# The default-route NIC is vng's virtio-net (--net user), on pcie.0, not one of these.
+# The test NICs have no backend (qemu warns "nic ... has no peer"): they exist only to be bound/unbound.
+if [ "$use_kvm" = 1 ]; then
+    MACHINE="q35,kernel-irqchip=split"   # intremap under KVM needs the split irqchip
+    ACCEL_ARGS=()
+else
+    MACHINE="q35"
+    ACCEL_ARGS=(--disable-kvm)
+fi
+QEMU_OPTS=(
+    -machine "$MACHINE"
+    -device intel-iommu,intremap=on,caching-mode=on
+    -device pcie-root-port,id=rp_igb,bus=pcie.0,addr=0x10.0,chassis=1,slot=1
+    -device igb,id=igb0,bus=rp_igb,mac=52:54:00:12:01:00
+    -device pcie-root-port,id=rp_e1000e,bus=pcie.0,addr=0x11.0,chassis=2,slot=2
+    -device e1000e,id=e1000e0,bus=rp_e1000e,mac=52:54:00:12:02:00
+    -device pcie-root-port,id=rp_br,bus=pcie.0,addr=0x12.0,chassis=3,slot=3
+    -device pcie-pci-bridge,id=pcibr,bus=rp_br
+    -device e1000,id=e1000_0,bus=pcibr,addr=0x1.0,mac=52:54:00:12:04:01
+    -device pcnet,id=pcnet0,bus=pcibr,addr=0x2.0,mac=52:54:00:12:04:02
+)
+
+q() { printf '%q ' "$@"; }
+GUEST_CMD="$(q env PT_BIN="$PT_BIN" PT_REPO="$REPO" PT_OUT="$PT_OUT" bash "$HERE/guest.sh" "$SCEN" "$@")"
+
+echo "run.sh: kernel $KERNEL, accel $([ "$use_kvm" = 1 ] && echo kvm || echo tcg), timeout ${TIMEOUT}s, scenario $SCEN, PT_OUT $PT_OUT" >&2
+start=$(date +%s.%N)
+# No TTY needed: stdin is /dev/null. `timeout` kills the whole process group (vng, virtme-run, qemu).
+set +e
+if [ "${PT_VM_QUIET:-0}" = 1 ]; then
+    timeout --kill-after=15 "$TIMEOUT" vng --run "$KERNEL" "${ACCEL_ARGS[@]}" --disable-microvm --force-9p \
+        --memory "$MEM" --cpus "$CPUS" --network user --rwdir "$PT_OUT=$PT_OUT" \
+        --append "intel_iommu=on iommu=pt" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
+        --exec "$GUEST_CMD" </dev/null >"$CONSOLE" 2>&1
+    rc=$?
+else
+    timeout --kill-after=15 "$TIMEOUT" vng --run "$KERNEL" "${ACCEL_ARGS[@]}" --disable-microvm --force-9p \
+        --memory "$MEM" --cpus "$CPUS" --network user --rwdir "$PT_OUT=$PT_OUT" \
+        --append "intel_iommu=on iommu=pt" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
+        --exec "$GUEST_CMD" </dev/null 2>&1 | tee "$CONSOLE"
+    rc=${PIPESTATUS[0]}
+fi
+set -e
+end=$(date +%s.%N)
+elapsed=$(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.1f", b-a}')
+echo "run.sh: boot+run took ${elapsed}s (vng exit $rc)" >&2
+
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "run.sh: FAILED: guest did not finish within ${TIMEOUT}s (killed); console: $CONSOLE" >&2
+    exit 1
+fi
+if [ ! -f "$RESULTS" ] || ! grep -q '^DONE ' "$RESULTS"; then
+    echo "run.sh: FAILED: no results from the guest (scenario died or guest crashed); console tail:" >&2
+    tail -n 30 "$CONSOLE" >&2
+    exit 1
+fi
+grep '^FAIL ' "$RESULTS" >&2 || true
+summary="$(grep '^DONE ' "$RESULTS" | tail -n1)"
+echo "run.sh: $summary (results: $RESULTS)" >&2
+if grep -q '^FAIL ' "$RESULTS" || ! grep -q '^DONE .* fail=0\b' "$RESULTS"; then
+    exit 1
+fi
+exit 0

@@ -1,0 +1,59 @@
+# Shared helpers for scenarios: what the kernel says, read straight from sysfs, in the same
+# one-line-per-item form the inventory's JSON is turned into, so the two can be diffed.
+SYS=/sys/bus/pci/devices
+PTD="$PT_BIN/passthroughd"
+
+# First function with vendor:device (e.g. 0x8086 0x10c9).
+find_dev() {
+    local d
+    for d in "$SYS"/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "$1:$2" ] && { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+link_name() { local t; t="$(readlink "$1" 2>/dev/null)" && basename "$t" || echo -; }
+
+# addr vendor device class driver group, decimal ids, one line per function.
+kernel_functions() {
+    local d
+    for d in "$SYS"/*; do
+        printf '%s %d %d %d %s %s\n' "$(basename "$d")" "$(cat "$d/vendor")" "$(cat "$d/device")" \
+            "$(cat "$d/class")" "$(link_name "$d/driver")" "$(link_name "$d/iommu_group")"
+    done | sort
+}
+inventory_functions() {
+    jq -r '.functions[] | "\(.address) \(.vendor_id) \(.device_id) \(.class) \(.driver // "-") \(.iommu_group // "-")"' "$1" | sort
+}
+
+# group viable members..., where viable is computed here from the kernel's driver links with the
+# rule of DESIGN.md section 4.
+kernel_groups() {
+    local g m drv viable members
+    for g in /sys/kernel/iommu_groups/*; do
+        viable=true; members=""
+        for m in $(ls "$g/devices" | sort); do
+            members="$members $m"
+            drv="$(link_name "$g/devices/$m/driver")"
+            case "$drv" in -|vfio-pci|pci-stub|pcieport) ;; *) viable=false ;; esac
+        done
+        echo "$(basename "$g") $viable$members"
+    done | sort -n
+}
+inventory_groups() {
+    jq -r '.groups[] | "\(.id) \(.viable) \(.members | join(" "))"' "$1" | sort -n
+}
+
+# Binds one function to vfio-pci the way DESIGN.md section 4 says, straight through sysfs.
+raw_bind_vfio() {
+    echo vfio-pci > "$SYS/$1/driver_override"
+    [ -e "$SYS/$1/driver" ] && echo "$1" > "$SYS/$1/driver/unbind"
+    echo "$1" > /sys/bus/pci/drivers_probe
+}
+
+# Waits up to $2 seconds for a shell condition $1.
+wait_for() {
+    local i
+    for i in $(seq 1 $(($2 * 10))); do eval "$1" && return 0; sleep 0.1; done
+    return 1
+}
