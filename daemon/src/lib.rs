@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod kernel;
 pub mod manager;
 pub mod pciids;
+pub mod sim;
 pub mod synthetic;
 pub mod sysfs;
 pub mod table;
