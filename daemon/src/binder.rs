@@ -54,7 +54,7 @@ impl Binder {
             .map_err(|e| Error::Failed(format!("{e}: {}", e.source)))
     }
 
-    fn exists(&self, address: PciAddress) -> bool {
+    pub fn exists(&self, address: PciAddress) -> bool {
         self.root.pci_device_attr(address, "uevent").exists()
     }
 
@@ -71,7 +71,11 @@ impl Binder {
             })
             .map_err(|e| Error::Failed(format!("starting a sysfs writer thread: {e}")))?;
         let shown = value.trim_end();
-        let shown = if shown.is_empty() { "an empty line" } else { shown };
+        let shown = if shown.is_empty() {
+            "an empty line"
+        } else {
+            shown
+        };
         match rx.recv_timeout(self.timeout) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => Err(Error::Kernel {
@@ -135,10 +139,12 @@ impl Binder {
         if loaded() {
             return Ok(());
         }
-        self.kernel.load_module(VFIO_PCI).map_err(|source| Error::Kernel {
-            what: "loading vfio-pci".into(),
-            source,
-        })?;
+        self.kernel
+            .load_module(VFIO_PCI)
+            .map_err(|source| Error::Kernel {
+                what: "loading vfio-pci".into(),
+                source,
+            })?;
         if self.root.pci_drivers_dir().join(VFIO_PCI).is_dir() {
             Ok(())
         } else {
@@ -151,6 +157,18 @@ impl Binder {
     /// Moves `function` to vfio-pci. On failure the device is back on its old driver (or the
     /// error says it could not be put back, and why).
     pub fn bind_vfio(&self, function: &PciFunction) -> Result<Change, Error> {
+        let current = self.current_driver(function.address)?;
+        self.bind_vfio_from(function, current.as_deref())
+    }
+
+    /// Like [`Self::bind_vfio`], but a failure restores `previous` rather than whatever is
+    /// bound now: after a crash between unbind and probe the device is unbound, and rolling
+    /// back to "unbound" would leave it driverless.
+    pub fn bind_vfio_from(
+        &self,
+        function: &PciFunction,
+        previous: Option<&str>,
+    ) -> Result<Change, Error> {
         let address = function.address;
         // Defense in depth: the guard refuses bridges first; vfio-pci would reject one only
         // after its driver is already gone.
@@ -160,19 +178,20 @@ impl Binder {
                 reason: "it is a PCI bridge (class 0x06)".into(),
             });
         }
-        let old = self.current_driver(address)?;
-        if old.as_deref() == Some(VFIO_PCI) {
+        let current = self.current_driver(address)?;
+        let old = previous.map(str::to_owned);
+        if current.as_deref() == Some(VFIO_PCI) {
             return Ok(Change {
                 address,
-                old_driver: old.clone(),
-                new_driver: old,
+                old_driver: old,
+                new_driver: current,
             });
         }
         if let Err(e) = self.set_override(address, VFIO_PCI) {
             return Err(self.vanished_or(address, e));
         }
         let steps = || -> Result<(), Error> {
-            if old.is_some() {
+            if current.is_some() {
                 self.unbind(address)?;
             }
             self.probe(address)?;
@@ -190,13 +209,8 @@ impl Binder {
                 old_driver: old,
                 new_driver: Some(VFIO_PCI.into()),
             }),
-            Err(e) => {
-                let e = self.vanished_or(address, e);
-                if matches!(e, Error::NoSuchDevice(_)) {
-                    return Err(e);
-                }
-                Err(self.with_rollback(address, old.as_deref(), e))
-            }
+            Err(e) if !self.exists(address) => Err(self.vanished_or(address, e)),
+            Err(e) => Err(self.with_rollback(address, old.as_deref(), e)),
         }
     }
 
@@ -208,10 +222,7 @@ impl Binder {
         };
         match self.restore(address, previous) {
             Ok(_) => annotate(cause, &format!("; {back}")),
-            Err(undo) => annotate(
-                cause,
-                &format!("; putting it back also failed: {undo}"),
-            ),
+            Err(undo) => annotate(cause, &format!("; putting it back also failed: {undo}")),
         }
     }
 
@@ -220,7 +231,9 @@ impl Binder {
         if self.exists(address) {
             e
         } else {
-            Error::Failed(format!("{address} disappeared during the operation (hot-unplug?): {e}"))
+            Error::Failed(format!(
+                "{address} disappeared during the operation (hot-unplug?): {e}"
+            ))
         }
     }
 

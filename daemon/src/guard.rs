@@ -242,7 +242,13 @@ impl HostSnapshot {
             .collect();
         let mut queue: Vec<String> = seen.iter().cloned().collect();
         while let Some(name) = queue.pop() {
-            for holder in self.blocks.get(&name).map(|b| &b.holders).into_iter().flatten() {
+            for holder in self
+                .blocks
+                .get(&name)
+                .map(|b| &b.holders)
+                .into_iter()
+                .flatten()
+            {
                 if seen.insert(holder.clone()) {
                     queue.push(holder.clone());
                 }
@@ -263,7 +269,7 @@ impl HostSnapshot {
         .into_iter()
         .flatten()
         .collect();
-        findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
         findings
     }
 
@@ -614,7 +620,11 @@ pub fn scan_open_files(proc: &Path) -> Vec<OpenFile> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {

@@ -67,6 +67,9 @@ pub struct JournalEntry {
     name: String,
 }
 
+/// A leftover journal file and its intent, or why it could not be read.
+pub type Pending = (JournalEntry, Result<Intent, String>);
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl JournalEntry {
@@ -105,11 +108,20 @@ impl JournalEntry {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// An entry recovery cannot act on: renamed out of the way (kept for the admin to read)
+    /// so the next start does not trip over it again.
+    pub fn set_aside(self) -> Result<(), Error> {
+        let from = self.dir.join(&self.name);
+        let to = self.dir.join(format!("{}.unreadable", self.name));
+        std::fs::rename(&from, &to)
+            .map_err(|e| Error::Failed(format!("setting aside {}: {e}", from.display())))
+    }
 }
 
 /// Journal files left by a previous run, oldest first, each with its intent or why it could
 /// not be read. Recovery handles each, then calls [`JournalEntry::finish`] on the handle.
-pub fn pending(dir: &Path) -> Result<Vec<(JournalEntry, Result<Intent, String>)>, Error> {
+pub fn pending(dir: &Path) -> Result<Vec<Pending>, Error> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

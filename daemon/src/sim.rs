@@ -380,10 +380,7 @@ impl SimKernel {
                 let link = fs::read_link(self.sysfs.class_block_dir().join(disk))?;
                 link.components().skip(2).collect::<PathBuf>().join(name)
             }
-            None => self
-                .device_rel(address)?
-                .join("nvme/nvme0")
-                .join(name),
+            None => self.device_rel(address)?.join("nvme/nvme0").join(name),
         };
         self.add_block_at(&rel, name, dev)?;
         if parent.is_none() {
@@ -495,7 +492,11 @@ impl SimKernel {
     fn matches(&self, address: PciAddress, driver: &str) -> bool {
         match self.override_of(address) {
             Some(o) => o == driver,
-            None => self.state().native.get(&address).is_some_and(|n| n == driver),
+            None => self
+                .state()
+                .native
+                .get(&address)
+                .is_some_and(|n| n == driver),
         }
     }
 
@@ -576,7 +577,14 @@ impl SimKernel {
         let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
         match parts.as_slice() {
             ["sys", "bus", "pci", "drivers_probe"] => self.drivers_probe(value).map(drop),
-            ["sys", "bus", "pci", "drivers", driver, op @ ("bind" | "unbind")] => {
+            [
+                "sys",
+                "bus",
+                "pci",
+                "drivers",
+                driver,
+                op @ ("bind" | "unbind"),
+            ] => {
                 if !self.driver_loaded(driver) {
                     return Err(errno(Errno::ENOENT));
                 }
@@ -589,9 +597,7 @@ impl SimKernel {
             ["sys", "bus", "pci", "devices", dev, "driver", "unbind"] => {
                 let address: PciAddress = dev.parse().map_err(|_| errno(Errno::ENOENT))?;
                 // `driver` is a link: absent when unbound, so the file does not exist.
-                let driver = self
-                    .bound_to(address)
-                    .ok_or_else(|| errno(Errno::ENOENT))?;
+                let driver = self.bound_to(address).ok_or_else(|| errno(Errno::ENOENT))?;
                 self.unbind(&driver, value).map(drop)
             }
             ["sys", "bus", "pci", "devices", dev, "driver_override"] => {
@@ -634,15 +640,14 @@ impl Kernel for SimKernel {
                 path: rel.display().to_string(),
                 value: String::from_utf8_lossy(value).into_owned(),
             });
-            if let Some((op, address)) = target {
-                if let Some(i) = state
+            if let Some((op, address)) = target
+                && let Some(i) = state
                     .faults
                     .iter()
                     .position(|(o, a, _)| *o == op && *a == address)
-                {
-                    let (_, _, e) = state.faults.remove(i);
-                    return Err(errno(e));
-                }
+            {
+                let (_, _, e) = state.faults.remove(i);
+                return Err(errno(e));
             }
             target.and_then(|(op, address)| {
                 state
@@ -707,11 +712,23 @@ mod tests {
         let (_d, sim, nic) = host();
         let root = sim.sysfs().clone();
         sim.load_module("vfio-pci").unwrap();
-        w(&sim, root.pci_device_attr(nic, "driver_override"), "vfio-pci\n").unwrap();
+        w(
+            &sim,
+            root.pci_device_attr(nic, "driver_override"),
+            "vfio-pci\n",
+        )
+        .unwrap();
         assert_eq!(sim.override_of(nic).as_deref(), Some("vfio-pci"));
         // Unbinding through the wrong driver is ENODEV.
-        let wrong = w(&sim, root.pci_drivers_dir().join("vfio-pci/unbind"), &nic.to_string());
-        assert_eq!(wrong.unwrap_err().raw_os_error(), Some(Errno::ENODEV as i32));
+        let wrong = w(
+            &sim,
+            root.pci_drivers_dir().join("vfio-pci/unbind"),
+            &nic.to_string(),
+        );
+        assert_eq!(
+            wrong.unwrap_err().raw_os_error(),
+            Some(Errno::ENODEV as i32)
+        );
         w(&sim, root.pci_device_unbind(nic), &nic.to_string()).unwrap();
         assert_eq!(sim.driver_of(nic), None);
         w(&sim, root.pci_drivers_probe(), &nic.to_string()).unwrap();
@@ -719,25 +736,42 @@ mod tests {
         let uevent = fs::read_to_string(root.pci_device_attr(nic, "uevent")).unwrap();
         assert!(uevent.contains("DRIVER=vfio-pci\n"), "{uevent}");
         // Bind on a bound device: EBUSY.
-        let busy = w(&sim, root.pci_drivers_dir().join("e1000e/bind"), &nic.to_string());
+        let busy = w(
+            &sim,
+            root.pci_drivers_dir().join("e1000e/bind"),
+            &nic.to_string(),
+        );
         assert_eq!(busy.unwrap_err().raw_os_error(), Some(Errno::EBUSY as i32));
         // "\n" clears the override; unknown names make drivers_probe ENODEV.
         w(&sim, root.pci_device_attr(nic, "driver_override"), "\n").unwrap();
         assert_eq!(sim.override_of(nic), None);
         let unknown = w(&sim, root.pci_drivers_probe(), "../../devices");
-        assert_eq!(unknown.unwrap_err().raw_os_error(), Some(Errno::ENODEV as i32));
+        assert_eq!(
+            unknown.unwrap_err().raw_os_error(),
+            Some(Errno::ENODEV as i32)
+        );
     }
 
     #[test]
     fn probe_with_an_override_for_an_unloaded_driver_binds_nothing() {
         let (_d, sim, nic) = host();
         let root = sim.sysfs().clone();
-        w(&sim, root.pci_device_attr(nic, "driver_override"), "vfio-pci").unwrap();
+        w(
+            &sim,
+            root.pci_device_attr(nic, "driver_override"),
+            "vfio-pci",
+        )
+        .unwrap();
         w(&sim, root.pci_device_unbind(nic), &nic.to_string()).unwrap();
         w(&sim, root.pci_drivers_probe(), &nic.to_string()).unwrap();
         assert_eq!(sim.driver_of(nic), None);
         // Stored verbatim, so it never matches.
-        w(&sim, root.pci_device_attr(nic, "driver_override"), "vfio-pci extra").unwrap();
+        w(
+            &sim,
+            root.pci_device_attr(nic, "driver_override"),
+            "vfio-pci extra",
+        )
+        .unwrap();
         assert_eq!(sim.override_of(nic).as_deref(), Some("vfio-pci extra"));
     }
 
@@ -775,9 +809,11 @@ mod tests {
         sim.vanish_after(SimOp::Unbind, nic);
         w(&sim, root.pci_device_unbind(nic), &nic.to_string()).unwrap();
         assert!(!root.pci_device_dir(nic).exists());
-        assert!(fs::read_dir(root.pci_drivers_dir().join("e1000e"))
-            .unwrap()
-            .all(|e| e.unwrap().file_name() != nic.to_string().as_str()));
+        assert!(
+            fs::read_dir(root.pci_drivers_dir().join("e1000e"))
+                .unwrap()
+                .all(|e| e.unwrap().file_name() != nic.to_string().as_str())
+        );
         let e = w(&sim, root.pci_drivers_probe(), &nic.to_string()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(Errno::ENODEV as i32));
         assert_eq!(sim.writes().len(), 3);

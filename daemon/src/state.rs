@@ -131,8 +131,12 @@ impl State {
         };
         let text = toml::to_string(&file)
             .map_err(|e| Error::Failed(format!("encoding {STATE_FILE}: {e}")))?;
-        write_atomic(state_dir, STATE_FILE, text.as_bytes())
-            .map_err(|e| Error::Failed(format!("writing {STATE_FILE} in {}: {e}", state_dir.display())))
+        write_atomic(state_dir, STATE_FILE, text.as_bytes()).map_err(|e| {
+            Error::Failed(format!(
+                "writing {STATE_FILE} in {}: {e}",
+                state_dir.display()
+            ))
+        })
     }
 
     pub fn get(&self, address: PciAddress) -> Option<&StoredAssignment> {
@@ -235,7 +239,12 @@ mod tests {
         assert!(err.contains("version 2"), "{err}");
         assert!(!err.contains('\n'));
         std::fs::write(&path, "[[assignment]]\n").unwrap();
-        assert!(State::load(dir.path()).unwrap_err().to_string().contains("no format version"));
+        assert!(
+            State::load(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no format version")
+        );
         std::fs::write(&path, "version = 1\n[[assignment]]\naddress = \"../x\"\n").unwrap();
         assert!(State::load(dir.path()).is_err());
     }
