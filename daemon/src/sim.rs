@@ -187,8 +187,8 @@ impl SimKernel {
         self.state().delays.push((op, address, delay));
     }
 
-    /// Probes of `address` succeed and bind nothing, as when the override names a driver
-    /// that cannot take the device.
+    /// The next probe of `address` succeeds and binds nothing, as when the override names a
+    /// driver that cannot take the device.
     pub fn probe_binds_nothing(&self, address: PciAddress) {
         self.state().probe_nothing.insert(address);
     }
@@ -482,7 +482,7 @@ impl SimKernel {
                 return Err(errno(Errno::EBUSY));
             }
         }
-        if self.state().probe_nothing.contains(&address) {
+        if self.state().probe_nothing.remove(&address) {
             return Ok(());
         }
         self.link_driver(address, driver)
