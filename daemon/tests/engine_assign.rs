@@ -24,7 +24,9 @@ const RUNTIME: AssignOptions = AssignOptions {
 fn assign_and_release_round_trip_restores_the_original_driver() {
     let host = Host::new();
     let (m, _) = host.open();
-    let changes = m.assign(&caller(), &[a(NIC)], AssignOptions::default()).unwrap();
+    let changes = m
+        .assign(&caller(), &[a(NIC)], AssignOptions::default())
+        .unwrap();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].old_driver.as_deref(), Some("igb"));
     assert_eq!(changes[0].new_driver.as_deref(), Some("vfio-pci"));
@@ -48,12 +50,18 @@ fn assign_and_release_round_trip_restores_the_original_driver() {
     );
     assert_eq!(m.assignments().len(), 1);
 
-    let released = m.release(&caller(), &[a(NIC)], ReleaseOptions::default()).unwrap();
+    let released = m
+        .release(&caller(), &[a(NIC)], ReleaseOptions::default())
+        .unwrap();
     assert_eq!(released[0].new_driver.as_deref(), Some("igb"));
     assert_eq!(host.driver(NIC).as_deref(), Some("igb"));
     assert_eq!(host.sim.override_of(a(NIC)), None, "override cleared");
     assert!(m.assignments().is_empty());
-    assert_eq!(host.state_files(), ["state.toml"], "journal removed, no temp files");
+    assert_eq!(
+        host.state_files(),
+        ["state.toml"],
+        "journal removed, no temp files"
+    );
 }
 
 #[test]
@@ -108,11 +116,7 @@ fn a_failure_on_the_second_function_puts_the_first_back() {
     let (m, _) = host.open();
     host.sim.fail_next(SimOp::Unbind, a(PAIR1), Errno::EIO);
     let err = m
-        .assign(
-            &caller(),
-            &[a(PAIR0), a(PAIR1)],
-            AssignOptions::default(),
-        )
+        .assign(&caller(), &[a(PAIR0), a(PAIR1)], AssignOptions::default())
         .unwrap_err();
     assert!(err.to_string().contains("put back"), "{err}");
     assert_eq!(host.driver(PAIR0).as_deref(), Some("e1000e"));
@@ -125,7 +129,9 @@ fn a_device_vanishing_mid_operation_is_reported_and_nothing_is_recorded() {
     let host = Host::new();
     let (m, _) = host.open();
     host.sim.vanish_after(SimOp::Unbind, a(NIC));
-    let err = m.assign(&caller(), &[a(NIC)], AssignOptions::default()).unwrap_err();
+    let err = m
+        .assign(&caller(), &[a(NIC)], AssignOptions::default())
+        .unwrap_err();
     assert!(err.to_string().contains("disappeared"), "{err}");
     assert!(m.assignments().is_empty());
     assert!(!host.state_text().contains(NIC));
@@ -194,7 +200,9 @@ fn bad_requests_change_nothing() {
     assert_eq!(dup.kind(), ErrorKind::InvalidArgument);
     let none = m.assign(&caller(), &[], RUNTIME).unwrap_err();
     assert_eq!(none.kind(), ErrorKind::InvalidArgument);
-    let missing = m.assign(&caller(), &[a("0000:09:00.0")], RUNTIME).unwrap_err();
+    let missing = m
+        .assign(&caller(), &[a("0000:09:00.0")], RUNTIME)
+        .unwrap_err();
     assert_eq!(missing.kind(), ErrorKind::NotFound);
     let not_assigned = m
         .release(&caller(), &[a(NIC2)], ReleaseOptions::default())
@@ -245,7 +253,10 @@ fn assigns_on_different_groups_run_in_parallel() {
         two.join().unwrap().unwrap();
     });
     let took = start.elapsed();
-    assert!(took < delay * 2 - Duration::from_millis(50), "serialized: {took:?}");
+    assert!(
+        took < delay * 2 - Duration::from_millis(50),
+        "serialized: {took:?}"
+    );
     assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"));
     assert_eq!(host.driver(NIC2).as_deref(), Some("vfio-pci"));
     assert_eq!(m.assignments().len(), 2);
@@ -257,14 +268,18 @@ fn a_request_on_a_busy_group_waits_briefly_then_gets_busy_and_readers_never_wait
     let mut options = EngineOptions::for_root(&host.root());
     options.group_wait = Duration::from_millis(100);
     let (m, _) = host.open_with(options);
-    host.sim.delay(SimOp::Probe, a(NIC), Duration::from_millis(800));
+    host.sim
+        .delay(SimOp::Probe, a(NIC), Duration::from_millis(800));
     std::thread::scope(|s| {
         let slow = s.spawn(|| m.assign(&caller(), &[a(NIC)], RUNTIME));
         std::thread::sleep(Duration::from_millis(200));
         let start = Instant::now();
         m.inventory().unwrap();
         m.status();
-        assert!(start.elapsed() < Duration::from_millis(300), "readers blocked");
+        assert!(
+            start.elapsed() < Duration::from_millis(300),
+            "readers blocked"
+        );
         let err = m
             .release(&caller(), &[a(NIC)], ReleaseOptions::default())
             .unwrap_err();
@@ -280,7 +295,8 @@ fn a_write_that_hangs_is_cut_off_with_busy() {
     let mut options = EngineOptions::for_root(&host.root());
     options.write_timeout = Duration::from_millis(150);
     let (m, _) = host.open_with(options);
-    host.sim.delay(SimOp::Unbind, a(NIC), Duration::from_millis(1000));
+    host.sim
+        .delay(SimOp::Unbind, a(NIC), Duration::from_millis(1000));
     let start = Instant::now();
     let err = m.assign(&caller(), &[a(NIC)], RUNTIME).unwrap_err();
     assert!(start.elapsed() < Duration::from_millis(900));

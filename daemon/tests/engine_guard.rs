@@ -33,7 +33,10 @@ fn a_nic_with_the_default_route_is_refused_unless_forced() {
     let err = m.assign(&caller(), &[a(ROUTED)], PLAIN).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Refused);
     let msg = err.to_string();
-    assert!(msg.contains("carries the default route via enp0s3"), "{msg}");
+    assert!(
+        msg.contains("carries the default route via enp0s3"),
+        "{msg}"
+    );
     assert!(msg.contains("--force"), "{msg}");
     assert!(host.sim.writes().is_empty());
     m.assign(&caller(), &[a(ROUTED)], FORCE).unwrap();
@@ -146,7 +149,11 @@ fn a_function_held_by_a_vmm_is_busy_naming_the_process() {
     let (m, _) = host.open();
     m.assign(&caller(), &[a(NIC)], PLAIN).unwrap();
     host.sim
-        .add_process(4242, "qemu-system-x86", &[(3, "/dev/null"), (27, "/dev/vfio/4")])
+        .add_process(
+            4242,
+            "qemu-system-x86",
+            &[(3, "/dev/null"), (27, "/dev/vfio/4")],
+        )
         .unwrap();
     let writes = host.sim.writes().len();
     let err = m
@@ -173,7 +180,10 @@ fn a_vfio_cdev_held_open_is_busy_too() {
         .release(&caller(), &[a(NIC2)], ReleaseOptions::default())
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
-    assert!(err.to_string().contains("cloud-hypervisor (pid 77)"), "{err}");
+    assert!(
+        err.to_string().contains("cloud-hypervisor (pid 77)"),
+        "{err}"
+    );
 }
 
 #[test]

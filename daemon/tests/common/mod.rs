@@ -55,7 +55,8 @@ impl Host {
         let dev = |addr: &str, class: u32, driver: Option<&str>, group: u32| {
             SimDevice::new(a(addr), class, driver, group)
         };
-        sim.add_device(&dev(HOST_BRIDGE, 0x060000, None, 0)).unwrap();
+        sim.add_device(&dev(HOST_BRIDGE, 0x060000, None, 0))
+            .unwrap();
         sim.add_device(&dev(ROOT_PORT, 0x060400, Some("pcieport"), 1))
             .unwrap();
         sim.add_device(&dev(ROUTED, 0x020000, Some("e1000e"), 2))
