@@ -3,12 +3,17 @@
 //! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
 //! live `/sys`, a tree captured from a real kernel, or a synthetic one.
 
+pub mod binder;
 pub mod error;
 pub mod groups;
+pub mod guard;
 pub mod inventory;
+pub mod journal;
 pub mod kernel;
 pub mod manager;
 pub mod pciids;
+pub mod sim;
+pub mod state;
 pub mod synthetic;
 pub mod sysfs;
 pub mod table;

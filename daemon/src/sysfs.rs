@@ -56,6 +56,79 @@ impl SysfsRoot {
     pub fn iommu_groups_dir(&self) -> PathBuf {
         self.root.join("sys/kernel/iommu_groups")
     }
+
+    /// An attribute of one function (`driver_override`, `driver`, `boot_vga`, ...). The name is
+    /// always a constant of ours, never a caller's string.
+    pub fn pci_device_attr(&self, address: PciAddress, attr: &'static str) -> PathBuf {
+        let mut path = self.pci_device_dir(address);
+        path.push(attr);
+        path
+    }
+
+    /// `devices/ADDR/driver/unbind`: unbinds from whatever driver holds the function now,
+    /// without us naming (and possibly mis-naming) that driver.
+    pub fn pci_device_unbind(&self, address: PciAddress) -> PathBuf {
+        let mut path = self.pci_device_dir(address);
+        path.push("driver/unbind");
+        path
+    }
+
+    /// `sys/bus/pci/drivers`: one directory per loaded PCI driver.
+    pub fn pci_drivers_dir(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/drivers")
+    }
+
+    /// `sys/bus/pci/drivers_probe`: asks the kernel to find a driver for an unbound function.
+    pub fn pci_drivers_probe(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/drivers_probe")
+    }
+
+    /// `sys/module`: one directory per loaded module.
+    pub fn module_dir(&self) -> PathBuf {
+        self.root.join("sys/module")
+    }
+
+    /// `sys/class/block`: every block device and partition, as links into the device tree.
+    pub fn class_block_dir(&self) -> PathBuf {
+        self.root.join("sys/class/block")
+    }
+
+    /// `sys/block`: whole disks only (holders of partitions live under `sys/class/block`).
+    pub fn block_dir(&self) -> PathBuf {
+        self.root.join("sys/block")
+    }
+
+    /// `sys/class/net`: network interfaces; `IF/device` links to the function.
+    pub fn class_net_dir(&self) -> PathBuf {
+        self.root.join("sys/class/net")
+    }
+
+    /// `sys/class/vtconsole`: console drivers; `vtconN/bind` is 1 while one is in use.
+    pub fn vtconsole_dir(&self) -> PathBuf {
+        self.root.join("sys/class/vtconsole")
+    }
+
+    /// `sys/class/drm`: DRM devices; `cardN/device` links to the function.
+    pub fn class_drm_dir(&self) -> PathBuf {
+        self.root.join("sys/class/drm")
+    }
+
+    /// `proc`: processes, mounts, swaps, routes.
+    pub fn proc_dir(&self) -> PathBuf {
+        self.root.join("proc")
+    }
+}
+
+/// The PCI address components of a resolved device path, outermost first:
+/// `.../pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1` → [00:1c.0, 01:00.0].
+/// The last one is the function the path belongs to.
+pub fn pci_path_components(path: &Path) -> Vec<PciAddress> {
+    path.components()
+        .filter_map(|c| c.as_os_str().to_str())
+        // Only the long form: a component such as `00:1c.0` is not how sysfs names functions.
+        .filter(|name| name.len() >= 12)
+        .filter_map(|name| name.parse().ok())
+        .collect()
 }
 
 /// Reads a small sysfs attribute, trimmed of its trailing newline. `Ok(None)` when it does not
