@@ -67,6 +67,8 @@ esac
 #   00:10.0 root port -> igb (SR-IOV PF, 7 VFs)
 #   00:11.0 root port -> e1000e
 #   00:12.0 root port -> pcie-pci-bridge -> e1000 (slot 1) + pcnet (slot 2), one IOMMU group
+#   00:13.0 root port -> virtio-blk (a scratch disk, /dev/vda in the guest: scenarios mount it to
+#           prove the mounted-filesystem guard on a real block device)
 # The default-route NIC is vng's virtio-net (--net user), on pcie.0, not one of these.
 # The test NICs have no backend (qemu warns "nic ... has no peer"): they exist only to be bound/unbound.
 if [ "$use_kvm" = 1 ]; then
@@ -76,6 +78,8 @@ else
     MACHINE="q35"
     ACCEL_ARGS=(--disable-kvm)
 fi
+DISK="$PT_OUT/scratch-disk.img"
+rm -f "$DISK" && truncate -s 64M "$DISK" || die "cannot create the scratch disk $DISK"
 QEMU_OPTS=(
     -machine "$MACHINE"
     -device intel-iommu,intremap=on,caching-mode=on
@@ -87,6 +91,9 @@ QEMU_OPTS=(
     -device pcie-pci-bridge,id=pcibr,bus=rp_br
     -device e1000,id=e1000_0,bus=pcibr,addr=0x1.0,mac=52:54:00:12:04:01
     -device pcnet,id=pcnet0,bus=pcibr,addr=0x2.0,mac=52:54:00:12:04:02
+    -device pcie-root-port,id=rp_blk,bus=pcie.0,addr=0x13.0,chassis=4,slot=4
+    -drive "file=$DISK,if=none,id=disk0,format=raw"
+    -device virtio-blk-pci,id=blk0,drive=disk0,bus=rp_blk
 )
 
 q() { printf '%q ' "$@"; }
@@ -111,6 +118,7 @@ else
 fi
 set -e
 end=$(date +%s.%N)
+rm -f "$DISK"
 elapsed=$(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.1f", b-a}')
 echo "run.sh: boot+run took ${elapsed}s (vng exit $rc)" >&2
 

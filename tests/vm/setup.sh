@@ -16,7 +16,10 @@ log() { echo "setup.sh: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
-PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv)
+# Scenario tools: dbus (a real system bus in the guest), strace (kills the daemon at an exact
+# sysfs write), e2fsprogs (a mounted disk for the guard), dpdk + driverctl (benchmark baselines).
+PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv
+      dbus strace e2fsprogs dpdk driverctl)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.

@@ -57,3 +57,44 @@ wait_for() {
     for i in $(seq 1 $(($2 * 10))); do eval "$1" && return 0; sleep 0.1; done
     return 1
 }
+
+CTL="$PT_BIN/passthroughctl"
+STATE_DIR=/var/lib/passthroughd
+
+# A real system bus in the guest (Debian's system.conf) with the project's bus policy installed,
+# so policy and credentials work as on a host.
+start_system_bus() {
+    mkdir -p /run/dbus /etc/dbus-1/system.d
+    cp "$PT_REPO/systemd/org.passthroughd.Passthrough1.conf" /etc/dbus-1/system.d/
+    dbus-daemon --system --fork
+}
+
+# Starts passthroughd on the system bus (optionally under a wrapper such as strace) and waits
+# until it answers.
+start_daemon() {
+    "$@" "$PT_BIN/passthroughd" --bus system --state-dir "$STATE_DIR" >>"$PT_OUT/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    wait_for '"$CTL" status >/dev/null 2>&1' 30
+}
+
+stop_daemon() {
+    kill "$DAEMON_PID" 2>/dev/null
+    wait "$DAEMON_PID" 2>/dev/null
+    return 0
+}
+
+driver_of() { link_name "$SYS/$1/driver"; }
+
+# Puts a device back on its host driver by hand, as a reboot would (no daemon involved).
+raw_release() {
+    echo > "$SYS/$1/driver_override"
+    [ -e "$SYS/$1/driver" ] && echo "$1" > "$SYS/$1/driver/unbind"
+    echo "$1" > /sys/bus/pci/drivers_probe
+}
+
+# exit_is NAME CODE COMMAND...: the command exits with CODE; its stderr is kept for later checks.
+exit_is() {
+    local name="$1" code="$2"; shift 2
+    "$@" >"$PT_OUT/last.out" 2>"$PT_OUT/last.err"
+    expect_eq "$name" "$?" "$code"
+}
