@@ -3,6 +3,7 @@
 //! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
 //! live `/sys`, a tree captured from a real kernel, or a synthetic one.
 
+pub mod authz;
 pub mod error;
 pub mod groups;
 pub mod inventory;
@@ -11,7 +12,7 @@ pub mod manager;
 pub mod pciids;
 pub mod synthetic;
 pub mod sysfs;
-pub mod table;
+pub mod service;
 
 pub use error::{Error, ErrorKind};
 pub use inventory::{Inventory, InventoryError};
