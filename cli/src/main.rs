@@ -184,18 +184,24 @@ fn usage_error(e: &clap::Error) -> ExitCode {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
-        return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            exit::INVALID
-        } else {
-            exit::OK
-        });
+        return ExitCode::from(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                exit::INVALID
+            } else {
+                exit::OK
+            },
+        );
     }
+    // The first paragraph of clap's report, on one line; usage and tips are dropped.
     let rendered = e.render().to_string();
-    let first = rendered
+    let paragraph: Vec<&str> = rendered
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("bad usage");
-    let why = first.trim_start_matches("error: ").trim();
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let joined = paragraph.join(" ");
+    let why = joined.trim_start_matches("error: ");
     let json = std::env::args().any(|a| a == "--json");
     Failure {
         what: "bad usage".into(),

@@ -10,9 +10,9 @@ pub mod inventory;
 pub mod kernel;
 pub mod manager;
 pub mod pciids;
+pub mod service;
 pub mod synthetic;
 pub mod sysfs;
-pub mod service;
 
 pub use error::{Error, ErrorKind};
 pub use inventory::{Inventory, InventoryError};

@@ -29,7 +29,11 @@ struct Flags {
     #[arg(long, value_name = "FILE", global = true)]
     pci_ids: Option<PathBuf>,
     /// Declarative config (read from a later version on; noted in the log when present).
-    #[arg(long, value_name = "FILE", default_value = "/etc/passthroughd/config.toml")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/passthroughd/config.toml"
+    )]
     config: PathBuf,
     /// Where state.toml and the journal live.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/passthroughd")]
@@ -164,8 +168,7 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
     };
     runtime.block_on(async {
         let engine: Arc<dyn service::Engine> = Arc::new(manager);
-        let _connection = match service::serve(&flags.bus, engine, ServiceConfig::default()).await
-        {
+        let _connection = match service::serve(&flags.bus, engine, ServiceConfig::default()).await {
             Ok(connection) => connection,
             Err(e) => {
                 error!(bus = %flags.bus, "cannot serve on the bus: {e}");

@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
+use crate::Inventory;
 use crate::authz::Authorizer;
 use crate::error::Error;
 use crate::manager::{Caller, Manager};
-use crate::Inventory;
 
 /// What the service needs from the engine. [`Manager`] is the real one; tests of the D-Bus layer
 /// can put a scripted one behind the same interface.
@@ -123,8 +123,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        // Some messages already include their cause; do not say it twice.
+        let cause_text = cause.to_string();
+        if !line.ends_with(&cause_text) {
+            line.push_str(": ");
+            line.push_str(&cause_text);
+        }
         source = cause.source();
     }
     line
@@ -167,8 +171,8 @@ impl ManagerObject {
             Ok(Ok(result)) => result.map_err(|e| to_dbus(&e)),
             Ok(Err(join)) => Err(internal(what, &join)),
             Err(_) => Err(to_dbus(&Error::Failed(format!(
-                "{what} timed out after {} s",
-                self.config.time_limit.as_secs()
+                "{what} timed out after {}",
+                seconds(self.config.time_limit)
             )))),
         }
     }
@@ -200,18 +204,29 @@ impl ManagerObject {
             Ok(Ok(Ok(Err(e)))) => Err(to_dbus(&e)),
             Ok(Ok(Err(join)) | Err(join)) => Err(internal(what, &join)),
             Err(_) => Err(to_dbus(&Error::Busy(format!(
-                "{what} did not finish within {} s and goes on in the background; \
+                "{what} did not finish within {} and goes on in the background; \
                  a VM may hold the device (see passthroughctl status)",
-                self.config.time_limit.as_secs()
+                seconds(self.config.time_limit)
             )))),
         }
+    }
+}
+
+/// "30 s", or "300 ms" for limits under a second.
+fn seconds(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 
 /// A panicked or cancelled engine task: the daemon stays up, the caller learns it failed.
 fn internal(what: &str, join: &tokio::task::JoinError) -> proto_dbus::Error {
     error!(%what, %join, "engine task failed");
-    to_dbus(&Error::Failed(format!("{what}: internal error in the daemon")))
+    to_dbus(&Error::Failed(format!(
+        "{what}: internal error in the daemon"
+    )))
 }
 
 async fn emit_signals(conn: &Connection, changes: &[Change], assigned: bool) {

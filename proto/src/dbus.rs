@@ -255,7 +255,8 @@ mod tests {
 
     #[test]
     fn method_errors_map_back_to_variants() {
-        let name = zbus::names::OwnedErrorName::try_from(format!("{ERROR_PREFIX}.Refused")).unwrap();
+        let name =
+            zbus::names::OwnedErrorName::try_from(format!("{ERROR_PREFIX}.Refused")).unwrap();
         let raw = zbus::Error::MethodError(name, Some("no".into()), dummy_message());
         assert!(matches!(Error::from(raw), Error::Refused(m) if m == "no"));
     }

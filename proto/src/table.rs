@@ -79,12 +79,18 @@ pub fn function_detail(f: &PciFunction) -> String {
     line("device", f.device_name.clone().unwrap_or_else(none));
     line("class name", f.class_name.clone().unwrap_or_else(none));
     line("driver", f.driver.clone().unwrap_or_else(none));
-    line("driver override", f.driver_override.clone().unwrap_or_else(none));
+    line(
+        "driver override",
+        f.driver_override.clone().unwrap_or_else(none),
+    );
     line(
         "iommu group",
         f.iommu_group.map_or_else(none, |g| g.to_string()),
     );
-    line("numa node", f.numa_node.map_or_else(none, |n| n.to_string()));
+    line(
+        "numa node",
+        f.numa_node.map_or_else(none, |n| n.to_string()),
+    );
     line("boot vga", if f.boot_vga { "yes" } else { "no" }.to_owned());
     line("role", f.role().to_owned());
     if let Some(s) = f.sriov {
@@ -124,11 +130,7 @@ pub fn changes(changes: &[Change]) -> String {
 
 /// Daemon status: version, uptime, assignments, recent errors.
 pub fn status(s: &Status) -> String {
-    let mut out = format!(
-        "passthroughd {}, up {}\n",
-        s.version,
-        uptime(s.uptime_secs)
-    );
+    let mut out = format!("passthroughd {}, up {}\n", s.version, uptime(s.uptime_secs));
     if s.assignments.is_empty() {
         out.push_str("no assignments\n");
     } else {
@@ -141,7 +143,11 @@ pub fn status(s: &Status) -> String {
                 a.identity.vendor_id,
                 a.identity.device_id,
                 a.previous_driver.as_deref().unwrap_or("-"),
-                if a.persistent { "persistent" } else { "runtime" },
+                if a.persistent {
+                    "persistent"
+                } else {
+                    "runtime"
+                },
                 a.refused
                     .as_deref()
                     .map_or_else(|| "applied".to_owned(), |why| format!("refused: {why}"))
