@@ -1,1 +1,383 @@
-fn main() {}
+//! `passthroughctl`: a thin D-Bus client of passthroughd. Commands become proxy calls; results
+//! are printed as tables, or with `--json` as exactly one JSON document on stdout. Failures are
+//! one line on stderr and an exit code from [`passthroughd_proto::dbus::exit`].
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
+use passthroughd_proto::wire::WireError;
+use passthroughd_proto::{Change, IommuGroup, PciAddress, PciFunction, Status, table};
+use serde::Serialize;
+use zbus::proxy::CacheProperties;
+
+/// Longer than the daemon's own 30 s limit, so its "timed out" answer arrives first.
+const METHOD_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "passthroughctl",
+    version,
+    about = "Control passthroughd: list PCI functions and IOMMU groups, assign them to vfio-pci"
+)]
+struct Cli {
+    /// Print one JSON document on stdout instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The bus to reach the daemon on: system, session, or a D-Bus address (unix:path=...).
+    #[arg(long, value_name = "BUS", default_value = "system", global = true)]
+    bus: Bus,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every PCI function: address, ids, driver, IOMMU group, role, names.
+    List,
+    /// IOMMU groups, their members and whether each is viable for VFIO.
+    Groups,
+    /// One function in full.
+    Show {
+        /// DDDD:BB:DD.F or BB:DD.F
+        #[arg(value_name = "ADDR")]
+        address: String,
+    },
+    /// Bind functions to vfio-pci (persisted unless --runtime).
+    Assign {
+        #[arg(value_name = "ADDR", required = true)]
+        addresses: Vec<String>,
+        /// Do not persist: the assignment ends at reboot.
+        #[arg(long)]
+        runtime: bool,
+        /// Assign every member of each function's IOMMU group (bridges excluded).
+        #[arg(long)]
+        group: bool,
+        /// Override the soft safety rules (network in use, boot VGA).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Return functions to the driver they had before.
+    Release {
+        #[arg(value_name = "ADDR", required = true)]
+        addresses: Vec<String>,
+        /// Keep the persisted assignment; it comes back at next start.
+        #[arg(long)]
+        runtime: bool,
+    },
+    /// Daemon version, uptime, assignments and recent errors.
+    Status,
+}
+
+/// A failure: what we were doing, why, an optional hint, and the exit code.
+#[derive(Debug)]
+struct Failure {
+    what: String,
+    why: String,
+    name: String,
+    code: u8,
+}
+
+impl Failure {
+    fn invalid(what: impl Into<String>, why: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            why: why.into(),
+            name: "InvalidArgument".into(),
+            code: exit::INVALID,
+        }
+    }
+
+    fn from_dbus(what: &str, error: &dbus::Error) -> Self {
+        let name = match error {
+            dbus::Error::ZBus(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+            dbus::Error::ZBus(_) => "Transport".into(),
+            other => zbus::DBusError::name(other)
+                .as_str()
+                .trim_start_matches(dbus::ERROR_PREFIX)
+                .trim_start_matches('.')
+                .to_owned(),
+        };
+        Self {
+            what: what.to_owned(),
+            why: error.to_string(),
+            name,
+            code: error.exit_code(),
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self.code {
+            exit::UNREACHABLE => Some("is passthroughd running? systemctl start passthroughd"),
+            exit::PERMISSION => Some("run as root, or ask for org.passthroughd.manage-devices"),
+            _ => None,
+        }
+    }
+
+    fn report(&self, json: bool) -> ExitCode {
+        let mut line = format!("passthroughctl: {}: {}", self.what, self.why);
+        if let Some(hint) = self.hint() {
+            line.push_str(" (");
+            line.push_str(hint);
+            line.push(')');
+        }
+        // Keep it one line whatever the daemon or the bus wrote.
+        let line = line.replace(['\n', '\r'], " ");
+        eprintln!("{line}");
+        if json {
+            let doc = serde_json::json!({
+                "error": {
+                    "name": self.name,
+                    "message": line.trim_start_matches("passthroughctl: "),
+                    "exit_code": self.code,
+                }
+            });
+            println!("{doc:#}");
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            return Failure {
+                what: "starting".into(),
+                why: e.to_string(),
+                name: "Failed".into(),
+                code: exit::FAILED,
+            }
+            .report(cli.json);
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(text) => match std::io::stdout().lock().write_all(text.as_bytes()) {
+            Ok(()) => ExitCode::from(exit::OK),
+            // A closed pipe (`| head`) is not worth a message.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+            Err(e) => {
+                eprintln!("passthroughctl: writing the output: {e}");
+                ExitCode::from(exit::FAILED)
+            }
+        },
+        Err(failure) => failure.report(cli.json),
+    }
+}
+
+/// clap's multi-line report, reduced to one line; help and version print as usual.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                exit::INVALID
+            } else {
+                exit::OK
+            },
+        );
+    }
+    // The first paragraph of clap's report, on one line; usage and tips are dropped.
+    let rendered = e.render().to_string();
+    let paragraph: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let joined = paragraph.join(" ");
+    let why = joined.trim_start_matches("error: ");
+    let json = std::env::args().any(|a| a == "--json");
+    Failure {
+        what: "bad usage".into(),
+        why: format!("{why}; see passthroughctl --help"),
+        name: "InvalidArgument".into(),
+        code: exit::INVALID,
+    }
+    .report(json)
+}
+
+/// Client-side check of every address, duplicates included, before any D-Bus call.
+fn parse_addresses(texts: &[String]) -> Result<Vec<String>, Failure> {
+    let mut seen: Vec<PciAddress> = Vec::with_capacity(texts.len());
+    for text in texts {
+        let address: PciAddress = text
+            .parse()
+            .map_err(|e| Failure::invalid("invalid address", format!("{e}")))?;
+        if seen.contains(&address) {
+            return Err(Failure::invalid(
+                "invalid address",
+                format!("{address} is named more than once"),
+            ));
+        }
+        seen.push(address);
+    }
+    Ok(seen.iter().map(ToString::to_string).collect())
+}
+
+async fn run(cli: &Cli) -> Result<String, Failure> {
+    // Validate everything we can before touching the bus.
+    let addresses = match &cli.command {
+        Command::Show { address } => parse_addresses(std::slice::from_ref(address))?,
+        Command::Assign { addresses, .. } | Command::Release { addresses, .. } => {
+            parse_addresses(addresses)?
+        }
+        _ => Vec::new(),
+    };
+    let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let proxy = connect(&cli.bus).await?;
+    let json = cli.json;
+    match &cli.command {
+        Command::List => {
+            let what = "listing functions";
+            let functions = convert::<PciFunction, _>(
+                what,
+                proxy
+                    .list_functions()
+                    .await
+                    .map_err(|e| Failure::from_dbus(what, &e))?,
+            )?;
+            render(json, functions.as_slice(), table::functions)
+        }
+        Command::Groups => {
+            let what = "listing IOMMU groups";
+            let groups = convert::<IommuGroup, _>(
+                what,
+                proxy
+                    .list_groups()
+                    .await
+                    .map_err(|e| Failure::from_dbus(what, &e))?,
+            )?;
+            render(json, groups.as_slice(), table::groups)
+        }
+        Command::Show { .. } => {
+            let what = format!("show {}", refs.join(" "));
+            let wire = proxy
+                .show(refs.first().copied().unwrap_or_default())
+                .await
+                .map_err(|e| Failure::from_dbus(&what, &e))?;
+            let function = PciFunction::try_from(wire).map_err(|e| malformed(&what, &e))?;
+            render(json, &function, table::function_detail)
+        }
+        Command::Assign {
+            runtime,
+            group,
+            force,
+            ..
+        } => {
+            let what = format!("assign {}", refs.join(" "));
+            let changes = convert::<Change, _>(
+                &what,
+                proxy
+                    .assign(&refs, *runtime, *group, *force)
+                    .await
+                    .map_err(|e| Failure::from_dbus(&what, &e))?,
+            )?;
+            render(json, changes.as_slice(), table::changes)
+        }
+        Command::Release { runtime, .. } => {
+            let what = format!("release {}", refs.join(" "));
+            let changes = convert::<Change, _>(
+                &what,
+                proxy
+                    .release(&refs, *runtime)
+                    .await
+                    .map_err(|e| Failure::from_dbus(&what, &e))?,
+            )?;
+            render(json, changes.as_slice(), table::changes)
+        }
+        Command::Status => {
+            let what = "reading the status";
+            let status = Status::try_from(
+                proxy
+                    .status()
+                    .await
+                    .map_err(|e| Failure::from_dbus(what, &e))?,
+            )
+            .map_err(|e| malformed(what, &e))?;
+            render(json, &status, table::status)
+        }
+    }
+}
+
+async fn connect(bus: &Bus) -> Result<ManagerProxy<'static>, Failure> {
+    let unreachable = |e: zbus::Error| Failure {
+        what: format!("cannot reach the {bus} bus"),
+        why: e.to_string(),
+        name: "Unreachable".into(),
+        code: exit::UNREACHABLE,
+    };
+    let conn = bus
+        .builder()
+        .map_err(unreachable)?
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await
+        .map_err(unreachable)?;
+    ManagerProxy::builder(&conn)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(unreachable)
+}
+
+fn convert<T, W>(what: &str, wire: Vec<W>) -> Result<Vec<T>, Failure>
+where
+    T: TryFrom<W, Error = WireError>,
+{
+    wire.into_iter()
+        .map(T::try_from)
+        .collect::<Result<_, _>>()
+        .map_err(|e| malformed(what, &e))
+}
+
+fn malformed(what: &str, e: &WireError) -> Failure {
+    let mut why = e.to_string();
+    if let Some(source) = std::error::Error::source(e) {
+        why.push_str(": ");
+        why.push_str(&source.to_string());
+    }
+    Failure {
+        what: what.to_owned(),
+        why,
+        name: "Failed".into(),
+        code: exit::FAILED,
+    }
+}
+
+fn render<T: Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    table: impl Fn(&T) -> String,
+) -> Result<String, Failure> {
+    if json {
+        serde_json::to_string_pretty(value)
+            .map(|mut s| {
+                s.push('\n');
+                s
+            })
+            .map_err(|e| Failure {
+                what: "printing JSON".into(),
+                why: e.to_string(),
+                name: "Failed".into(),
+                code: exit::FAILED,
+            })
+    } else {
+        Ok(table(value))
+    }
+}

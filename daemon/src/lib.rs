@@ -3,6 +3,7 @@
 //! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
 //! live `/sys`, a tree captured from a real kernel, or a synthetic one.
 
+pub mod authz;
 pub mod binder;
 pub mod error;
 pub mod groups;
@@ -12,11 +13,11 @@ pub mod journal;
 pub mod kernel;
 pub mod manager;
 pub mod pciids;
+pub mod service;
 pub mod sim;
 pub mod state;
 pub mod synthetic;
 pub mod sysfs;
-pub mod table;
 
 pub use error::{Error, ErrorKind};
 pub use inventory::{Inventory, InventoryError};

@@ -1,10 +1,14 @@
-//! What `passthroughd` and `passthroughctl` share: the PCI address type with strict parsing and
-//! the wire types that describe functions and IOMMU groups. No I/O, no async runtime, no sysfs.
+//! What `passthroughd` and `passthroughctl` share: the PCI address type with strict parsing, the
+//! types that describe functions, groups and operations, their D-Bus wire form, the `Manager`
+//! proxy with its error names, and the human tables both print. No sysfs, no runtime of its own.
 
 pub mod address;
+pub mod dbus;
 pub mod device;
+pub mod ops;
+pub mod table;
+pub mod wire;
 
 pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
-pub mod ops;
 pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status};

@@ -1,0 +1,304 @@
+//! Test harness: a private `dbus-daemon`, passthroughd's service served on it in-process, and
+//! the real `passthroughctl` binary pointed at it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use passthroughd::error::Error;
+use passthroughd::manager::Caller;
+use passthroughd::service::{self, Engine, ServiceConfig};
+use passthroughd::synthetic::{self, HostShape};
+use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd_proto::dbus::Bus;
+use passthroughd_proto::{AssignOptions, Change, PciAddress, ReleaseOptions, Status};
+
+/// A small host: 64 functions, 8 of them VFs of two PFs, in 8 groups.
+pub const SHAPE: HostShape = HostShape {
+    functions: 64,
+    vfs: 8,
+    vfs_per_pf: 4,
+    groups: 8,
+};
+
+/// A `dbus-daemon` on a socket in a temporary directory; killed on drop.
+pub struct TestBus {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    child: Child,
+}
+
+impl TestBus {
+    /// A session-like bus that lets anyone (any uid) connect, own names and call.
+    pub fn start() -> Self {
+        Self::with_policy(
+            r#"<policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>"#,
+        )
+    }
+
+    pub fn with_policy(policy: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Let an unprivileged CLI (setpriv) reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("bus");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  {policy}
+</busconfig>
+"#,
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--print-address", "--nofork"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("dbus-daemon must be installed (package dbus)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
+        Self {
+            dir,
+            address,
+            child,
+        }
+    }
+
+    pub fn bus(&self) -> Bus {
+        Bus::Address(self.address.clone())
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the scripted engine was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Assign(Caller, Vec<PciAddress>, AssignOptions),
+    Release(Caller, Vec<PciAddress>, ReleaseOptions),
+}
+
+/// How the scripted engine answers mutations.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// Pretend every function moved from its current driver to vfio-pci (or back to "igb").
+    Succeed,
+    NotFound,
+    Refused,
+    Busy,
+    Failed,
+    /// Succeed after sleeping this long.
+    Slow(Duration),
+}
+
+/// An engine whose reads are the real inventory of a tree and whose mutations are scripted, so
+/// the D-Bus layer can be tested without the binding engine.
+#[derive(Debug)]
+pub struct ScriptedEngine {
+    pub root: SysfsRoot,
+    pub calls: Mutex<Vec<Call>>,
+    pub script: Mutex<Script>,
+}
+
+impl ScriptedEngine {
+    pub fn new(root: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            root: SysfsRoot::new(root),
+            calls: Mutex::new(Vec::new()),
+            script: Mutex::new(Script::Succeed),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn answer(&self, addresses: &[PciAddress], assign: bool) -> Result<Vec<Change>, Error> {
+        let first = addresses[0];
+        let script = self.script.lock().unwrap().clone();
+        match script {
+            Script::NotFound => Err(Error::NoSuchDevice(first)),
+            Script::Refused => Err(Error::Refused {
+                address: first,
+                reason: "it carries the default route via eth0".into(),
+            }),
+            Script::Busy => Err(Error::Busy(format!("{first} is open by a VM"))),
+            Script::Failed => Err(Error::Kernel {
+                what: format!("writing {first}/driver_override"),
+                source: std::io::Error::from_raw_os_error(5),
+            }),
+            Script::Slow(d) => {
+                std::thread::sleep(d);
+                Ok(self.changes(addresses, assign))
+            }
+            Script::Succeed => Ok(self.changes(addresses, assign)),
+        }
+    }
+
+    fn changes(&self, addresses: &[PciAddress], assign: bool) -> Vec<Change> {
+        addresses
+            .iter()
+            .map(|&address| Change {
+                address,
+                old_driver: Some(if assign { "igb" } else { "vfio-pci" }.into()),
+                new_driver: Some(if assign { "vfio-pci" } else { "igb" }.into()),
+            })
+            .collect()
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn inventory(&self) -> Result<Inventory, Error> {
+        Ok(Inventory::scan(&self.root, &PciIds::empty())?)
+    }
+    fn assign(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: AssignOptions,
+    ) -> Result<Vec<Change>, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::Assign(caller.clone(), addresses.to_vec(), options));
+        self.answer(addresses, true)
+    }
+    fn release(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: ReleaseOptions,
+    ) -> Result<Vec<Change>, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::Release(caller.clone(), addresses.to_vec(), options));
+        self.answer(addresses, false)
+    }
+    fn status(&self) -> Result<Status, Error> {
+        Ok(Status {
+            version: "test".into(),
+            uptime_secs: 7,
+            assignments: Vec::new(),
+            last_errors: Vec::new(),
+        })
+    }
+}
+
+/// The service on a test bus, over a synthetic tree, with a scripted engine.
+pub struct Harness {
+    // Fields drop in order: the connection needs the runtime, the service needs the bus.
+    pub connection: zbus::Connection,
+    pub runtime: tokio::runtime::Runtime,
+    pub engine: Arc<ScriptedEngine>,
+    pub tree: tempfile::TempDir,
+    pub bus: TestBus,
+}
+
+impl Harness {
+    pub fn start() -> Self {
+        Self::start_with(TestBus::start(), SHAPE, ServiceConfig::default())
+    }
+
+    pub fn start_with(bus: TestBus, shape: HostShape, config: ServiceConfig) -> Self {
+        let tree = tempfile::tempdir().unwrap();
+        synthetic::generate(tree.path(), shape).unwrap();
+        let engine = ScriptedEngine::new(tree.path());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dyn_engine: Arc<dyn Engine> = engine.clone();
+        let connection = runtime
+            .block_on(service::serve(&bus.bus(), dyn_engine, config))
+            .unwrap();
+        Self {
+            bus,
+            tree,
+            engine,
+            runtime,
+            connection,
+        }
+    }
+
+    pub fn inventory(&self) -> Inventory {
+        Inventory::scan(&SysfsRoot::new(self.tree.path()), &PciIds::empty()).unwrap()
+    }
+
+    /// Runs passthroughctl against this bus.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.bus.address, args, false)
+    }
+
+    /// Runs passthroughctl as uid/gid 65534 (nobody).
+    pub fn ctl_as_nobody(&self, args: &[&str]) -> Output {
+        ctl(&self.bus.address, args, true)
+    }
+
+    /// A client connection to the test bus, for raw D-Bus calls.
+    pub fn client(&self) -> zbus::Connection {
+        self.runtime
+            .block_on(self.bus.bus().builder().unwrap().build())
+            .unwrap()
+    }
+}
+
+pub fn ctl_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_passthroughctl"))
+}
+
+pub fn ctl(address: &str, args: &[&str], as_nobody: bool) -> Output {
+    let mut command = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(ctl_path());
+        c
+    } else {
+        Command::new(ctl_path())
+    };
+    command
+        .arg("--bus")
+        .arg(address)
+        .args(args)
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}

@@ -1,0 +1,420 @@
+//! The D-Bus face of the engine: `org.passthroughd.Passthrough1.Manager` at
+//! `/org/passthroughd/Passthrough1`.
+//!
+//! Each method parses its arguments, authorizes mutations ([`crate::authz`]), then runs the
+//! engine on a blocking thread with a time limit, so a stuck sysfs write never stalls the
+//! dispatch of other calls. Engine errors become D-Bus error names here, and only here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
+use passthroughd_proto::wire::{ChangeWire, FunctionWire, GroupWire, StatusWire};
+use passthroughd_proto::{AssignOptions, Change, PciAddress, ReleaseOptions, Status};
+use tracing::{error, info, warn};
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, interface, message::Header};
+
+use crate::Inventory;
+use crate::authz::Authorizer;
+use crate::error::Error;
+use crate::manager::{Caller, Manager};
+
+/// What the service needs from the engine. [`Manager`] is the real one; tests of the D-Bus layer
+/// can put a scripted one behind the same interface.
+pub trait Engine: Send + Sync + 'static {
+    fn inventory(&self) -> Result<Inventory, Error>;
+    fn assign(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: AssignOptions,
+    ) -> Result<Vec<Change>, Error>;
+    fn release(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: ReleaseOptions,
+    ) -> Result<Vec<Change>, Error>;
+    fn status(&self) -> Result<Status, Error>;
+}
+
+impl Engine for Manager {
+    fn inventory(&self) -> Result<Inventory, Error> {
+        Manager::inventory(self)
+    }
+    fn assign(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: AssignOptions,
+    ) -> Result<Vec<Change>, Error> {
+        Manager::assign(self, caller, addresses, options)
+    }
+    fn release(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        options: ReleaseOptions,
+    ) -> Result<Vec<Change>, Error> {
+        Manager::release(self, caller, addresses, options)
+    }
+    fn status(&self) -> Result<Status, Error> {
+        Ok(Manager::status(self))
+    }
+}
+
+/// Tunables of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Longest a caller waits for the engine; the engine goes on in the background after that.
+    pub time_limit: Duration,
+    pub authorizer: Authorizer,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            time_limit: Duration::from_secs(30),
+            authorizer: Authorizer::default(),
+        }
+    }
+}
+
+/// Connects to `bus`, serves the manager object, and only then takes the well-known name, so
+/// nobody can call before the object exists. The connection serves until dropped.
+pub async fn serve(
+    bus: &proto_dbus::Bus,
+    engine: Arc<dyn Engine>,
+    config: ServiceConfig,
+) -> zbus::Result<Connection> {
+    let object = ManagerObject { engine, config };
+    bus.builder()?
+        .serve_at(PATH, object)?
+        .name(SERVICE)?
+        .build()
+        .await
+}
+
+/// The served object.
+pub struct ManagerObject {
+    engine: Arc<dyn Engine>,
+    config: ServiceConfig,
+}
+
+impl std::fmt::Debug for ManagerObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerObject")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type Reply<T> = Result<T, proto_dbus::Error>;
+
+/// The one place where an engine error becomes a D-Bus error name.
+fn to_dbus(e: &Error) -> proto_dbus::Error {
+    proto_dbus::Error::from_kind_name(e.kind().dbus_name(), error_chain(e))
+}
+
+/// "what failed: why: root cause" on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // Some messages already include their cause; do not say it twice.
+        let cause_text = cause.to_string();
+        if !line.ends_with(&cause_text) {
+            line.push_str(": ");
+            line.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+/// Parses caller-supplied addresses: each must parse, none may repeat, at least one is needed.
+fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
+    if texts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no PCI address given; name at least one function".into(),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(texts.len());
+    texts
+        .iter()
+        .map(|text| {
+            let address: PciAddress = text
+                .parse()
+                .map_err(|e| Error::InvalidArgument(format!("{e}")))?;
+            if !seen.insert(address) {
+                return Err(Error::InvalidArgument(format!(
+                    "{address} is named more than once"
+                )));
+            }
+            Ok(address)
+        })
+        .collect()
+}
+
+impl ManagerObject {
+    /// Runs `work` on a blocking thread; past the time limit the caller gets `on_timeout`.
+    async fn blocking<T, F>(&self, what: &'static str, work: F) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Engine) -> Result<T, Error> + Send + 'static,
+    {
+        let engine = Arc::clone(&self.engine);
+        let task = tokio::task::spawn_blocking(move || work(&*engine));
+        match tokio::time::timeout(self.config.time_limit, task).await {
+            Ok(Ok(result)) => result.map_err(|e| to_dbus(&e)),
+            Ok(Err(join)) => Err(internal(what, &join)),
+            Err(_) => Err(to_dbus(&Error::Failed(format!(
+                "{what} timed out after {}",
+                seconds(self.config.time_limit)
+            )))),
+        }
+    }
+
+    /// Runs a mutation on a blocking thread. Its signals are emitted when it finishes, even if
+    /// the caller stopped waiting at the time limit (then it gets `Busy`).
+    async fn mutate<F>(
+        &self,
+        conn: &Connection,
+        what: &'static str,
+        assigned: bool,
+        work: F,
+    ) -> Reply<Vec<ChangeWire>>
+    where
+        F: FnOnce(&dyn Engine) -> Result<Vec<Change>, Error> + Send + 'static,
+    {
+        let engine = Arc::clone(&self.engine);
+        let task = tokio::task::spawn_blocking(move || work(&*engine));
+        let conn = conn.clone();
+        let finished = tokio::spawn(async move {
+            let result = task.await;
+            if let Ok(Ok(changes)) = &result {
+                emit_signals(&conn, changes, assigned).await;
+            }
+            result
+        });
+        match tokio::time::timeout(self.config.time_limit, finished).await {
+            Ok(Ok(Ok(Ok(changes)))) => Ok(changes.iter().map(ChangeWire::from).collect()),
+            Ok(Ok(Ok(Err(e)))) => Err(to_dbus(&e)),
+            Ok(Ok(Err(join)) | Err(join)) => Err(internal(what, &join)),
+            Err(_) => Err(to_dbus(&Error::Busy(format!(
+                "{what} did not finish within {} and goes on in the background; \
+                 a VM may hold the device (see passthroughctl status)",
+                seconds(self.config.time_limit)
+            )))),
+        }
+    }
+}
+
+/// "30 s", or "300 ms" for limits under a second.
+fn seconds(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// A panicked or cancelled engine task: the daemon stays up, the caller learns it failed.
+fn internal(what: &str, join: &tokio::task::JoinError) -> proto_dbus::Error {
+    error!(%what, %join, "engine task failed");
+    to_dbus(&Error::Failed(format!(
+        "{what}: internal error in the daemon"
+    )))
+}
+
+async fn emit_signals(conn: &Connection, changes: &[Change], assigned: bool) {
+    let emitter = match SignalEmitter::new(conn, PATH) {
+        Ok(emitter) => emitter,
+        Err(e) => {
+            warn!(%e, "cannot emit signals");
+            return;
+        }
+    };
+    for change in changes {
+        let address = change.address.to_string();
+        let old = change.old_driver.as_deref().unwrap_or("");
+        let new = change.new_driver.as_deref().unwrap_or("");
+        if old != new
+            && let Err(e) = ManagerObject::driver_changed(&emitter, &address, old, new).await
+        {
+            warn!(%address, %e, "cannot emit DriverChanged");
+        }
+        if let Err(e) = ManagerObject::assignment_changed(&emitter, &address, assigned).await {
+            warn!(%address, %e, "cannot emit AssignmentChanged");
+        }
+    }
+}
+
+#[interface(name = "org.passthroughd.Passthrough1.Manager")]
+impl ManagerObject {
+    /// Every PCI function, sorted by address.
+    async fn list_functions(&self) -> Result<Vec<FunctionWire>, proto_dbus::Error> {
+        self.blocking("listing functions", |engine| {
+            Ok(engine
+                .inventory()?
+                .functions
+                .iter()
+                .map(FunctionWire::from)
+                .collect())
+        })
+        .await
+    }
+
+    /// Every IOMMU group, sorted by number.
+    async fn list_groups(&self) -> Result<Vec<GroupWire>, proto_dbus::Error> {
+        self.blocking("listing groups", |engine| {
+            Ok(engine
+                .inventory()?
+                .groups
+                .iter()
+                .map(GroupWire::from)
+                .collect())
+        })
+        .await
+    }
+
+    /// One function in full.
+    async fn show(&self, address: String) -> Result<FunctionWire, proto_dbus::Error> {
+        let address: PciAddress = address
+            .parse()
+            .map_err(|e| to_dbus(&Error::InvalidArgument(format!("{e}"))))?;
+        self.blocking("showing a function", move |engine| {
+            engine
+                .inventory()?
+                .function(address)
+                .map(FunctionWire::from)
+                .ok_or(Error::NoSuchDevice(address))
+        })
+        .await
+    }
+
+    /// Binds each function (with `group`, its whole IOMMU group) to vfio-pci, all or nothing.
+    async fn assign(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        addresses: Vec<String>,
+        runtime: bool,
+        group: bool,
+        force: bool,
+    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+        let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
+        let caller = self
+            .config
+            .authorizer
+            .authorize(conn, header.sender())
+            .await
+            .map_err(|e| to_dbus(&e))?;
+        let options = AssignOptions {
+            runtime,
+            group,
+            force,
+        };
+        info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "assign");
+        self.mutate(conn, "assign", true, move |engine| {
+            engine.assign(&caller, &addresses, options)
+        })
+        .await
+    }
+
+    /// Returns each function to the driver it had before assignment.
+    async fn release(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        addresses: Vec<String>,
+        runtime: bool,
+    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+        let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
+        let caller = self
+            .config
+            .authorizer
+            .authorize(conn, header.sender())
+            .await
+            .map_err(|e| to_dbus(&e))?;
+        let options = ReleaseOptions { runtime };
+        info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "release");
+        self.mutate(conn, "release", false, move |engine| {
+            engine.release(&caller, &addresses, options)
+        })
+        .await
+    }
+
+    /// Daemon version, uptime, assignments and recent errors.
+    async fn status(&self) -> Result<StatusWire, proto_dbus::Error> {
+        self.blocking("reading the status", |engine| {
+            Ok(StatusWire::from(&engine.status()?))
+        })
+        .await
+    }
+
+    /// A function's driver changed; an empty string means "no driver".
+    #[zbus(signal)]
+    async fn driver_changed(
+        emitter: &SignalEmitter<'_>,
+        address: &str,
+        old: &str,
+        new: &str,
+    ) -> zbus::Result<()>;
+
+    /// A function was assigned (`true`) or released (`false`).
+    #[zbus(signal)]
+    async fn assignment_changed(
+        emitter: &SignalEmitter<'_>,
+        address: &str,
+        assigned: bool,
+    ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn addresses_are_parsed_and_checked() {
+        assert_eq!(
+            parse_addresses(&strings(&["01:00.0", "0000:01:00.1"])).unwrap(),
+            vec![
+                "0000:01:00.0".parse::<PciAddress>().unwrap(),
+                "0000:01:00.1".parse().unwrap()
+            ]
+        );
+        let err = parse_addresses(&[]).unwrap_err();
+        assert!(err.to_string().contains("no PCI address given"));
+        let err = parse_addresses(&strings(&["01:00.0", "0000:01:00.0"])).unwrap_err();
+        assert_eq!(err.to_string(), "0000:01:00.0 is named more than once");
+        let err = parse_addresses(&strings(&["../x"])).unwrap_err();
+        assert!(err.to_string().contains("contains '/'"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn every_error_kind_has_its_own_name() {
+        use crate::ErrorKind::*;
+        for kind in [
+            InvalidArgument,
+            PermissionDenied,
+            NotFound,
+            Refused,
+            Busy,
+            Failed,
+        ] {
+            let e = proto_dbus::Error::from_kind_name(kind.dbus_name(), String::new());
+            assert_eq!(
+                zbus::DBusError::name(&e).as_str(),
+                format!("{}.{}", proto_dbus::ERROR_PREFIX, kind.dbus_name())
+            );
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Human-readable tables of functions and groups.
+
+use std::fmt::Write;
+
+use crate::{Change, IommuGroup, PciFunction, Status};
+
+/// One row per function: address, ids, class, driver, group, role, names.
+pub fn functions(functions: &[PciFunction]) -> String {
+    let mut out =
+        String::from("ADDRESS        IDS        DRIVER       GROUP  ROLE      DESCRIPTION\n");
+    for f in functions {
+        let group = f.iommu_group.map_or("-".to_owned(), |g| g.to_string());
+        let role = match f.vf_of {
+            Some(vf) => format!("vf{}", vf.index),
+            None => f.role().to_owned(),
+        };
+        let description = [
+            f.class_name.as_deref(),
+            f.vendor_name.as_deref(),
+            f.device_name.as_deref(),
+        ]
+        .iter()
+        .flatten()
+        .copied()
+        .collect::<Vec<_>>()
+        .join(": ");
+        let description = if description.is_empty() {
+            format!("class {:06x}", f.class)
+        } else {
+            description
+        };
+        let _ = writeln!(
+            out,
+            "{:<14} {:04x}:{:04x}  {:<12} {:<6} {:<9} {}",
+            f.address.to_string(),
+            f.vendor_id,
+            f.device_id,
+            f.driver.as_deref().unwrap_or("-"),
+            group,
+            role,
+            description
+        );
+    }
+    out
+}
+
+/// One row per group: id, viability (and why not), members.
+pub fn groups(groups: &[IommuGroup]) -> String {
+    let mut out = String::from("GROUP  VIABLE  MEMBERS\n");
+    for g in groups {
+        let members: Vec<String> = g.members.iter().map(ToString::to_string).collect();
+        let viable = if g.viable { "yes" } else { "no" };
+        let _ = write!(out, "{:<6} {:<7} {}", g.id, viable, members.join(" "));
+        if let Some(why) = g.why_not_viable() {
+            let _ = write!(out, "  ({why})");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One function in full, one `key: value` line per field.
+pub fn function_detail(f: &PciFunction) -> String {
+    let mut out = String::new();
+    let none = || "-".to_owned();
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "{key:<16} {value}");
+    };
+    line("address", f.address.to_string());
+    line(
+        "ids",
+        format!(
+            "{:04x}:{:04x} (subsystem {:04x}:{:04x})",
+            f.vendor_id, f.device_id, f.subsystem_vendor_id, f.subsystem_device_id
+        ),
+    );
+    line("class", format!("{:06x}", f.class));
+    line("vendor", f.vendor_name.clone().unwrap_or_else(none));
+    line("device", f.device_name.clone().unwrap_or_else(none));
+    line("class name", f.class_name.clone().unwrap_or_else(none));
+    line("driver", f.driver.clone().unwrap_or_else(none));
+    line(
+        "driver override",
+        f.driver_override.clone().unwrap_or_else(none),
+    );
+    line(
+        "iommu group",
+        f.iommu_group.map_or_else(none, |g| g.to_string()),
+    );
+    line(
+        "numa node",
+        f.numa_node.map_or_else(none, |n| n.to_string()),
+    );
+    line("boot vga", if f.boot_vga { "yes" } else { "no" }.to_owned());
+    line("role", f.role().to_owned());
+    if let Some(s) = f.sriov {
+        line(
+            "sr-iov",
+            format!(
+                "{} of {} VFs enabled, drivers autoprobe {}",
+                s.num_vfs,
+                s.total_vfs,
+                if s.drivers_autoprobe { "on" } else { "off" }
+            ),
+        );
+    }
+    if let Some(vf) = f.vf_of {
+        line("vf of", format!("{} (index {})", vf.pf, vf.index));
+    }
+    out
+}
+
+/// What an assign or release did: one line per function, "ADDRESS old -> new".
+pub fn changes(changes: &[Change]) -> String {
+    let mut out = String::new();
+    for c in changes {
+        let _ = writeln!(
+            out,
+            "{} {} -> {}",
+            c.address,
+            c.old_driver.as_deref().unwrap_or("(none)"),
+            c.new_driver.as_deref().unwrap_or("(none)")
+        );
+    }
+    if out.is_empty() {
+        out.push_str("nothing to do\n");
+    }
+    out
+}
+
+/// Daemon status: version, uptime, assignments, recent errors.
+pub fn status(s: &Status) -> String {
+    let mut out = format!("passthroughd {}, up {}\n", s.version, uptime(s.uptime_secs));
+    if s.assignments.is_empty() {
+        out.push_str("no assignments\n");
+    } else {
+        out.push_str("ADDRESS        IDS        PREVIOUS     KIND        STATE\n");
+        for a in &s.assignments {
+            let _ = writeln!(
+                out,
+                "{:<14} {:04x}:{:04x}  {:<12} {:<11} {}",
+                a.address.to_string(),
+                a.identity.vendor_id,
+                a.identity.device_id,
+                a.previous_driver.as_deref().unwrap_or("-"),
+                if a.persistent {
+                    "persistent"
+                } else {
+                    "runtime"
+                },
+                a.refused
+                    .as_deref()
+                    .map_or_else(|| "applied".to_owned(), |why| format!("refused: {why}"))
+            );
+        }
+    }
+    if !s.last_errors.is_empty() {
+        out.push_str("last errors:\n");
+        for e in &s.last_errors {
+            let _ = writeln!(out, "  {e}");
+        }
+    }
+    out
+}
+
+fn uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_is_short() {
+        assert_eq!(uptime(5), "5s");
+        assert_eq!(uptime(65), "1m 5s");
+        assert_eq!(uptime(3 * 3600 + 120), "3h 2m");
+        assert_eq!(uptime(2 * 86400 + 3600), "2d 1h");
+    }
+
+    #[test]
+    fn changes_say_old_and_new() {
+        let c = Change {
+            address: "0000:01:00.0".parse().unwrap(),
+            old_driver: Some("igb".into()),
+            new_driver: Some("vfio-pci".into()),
+        };
+        assert_eq!(changes(&[c]), "0000:01:00.0 igb -> vfio-pci\n");
+        assert_eq!(changes(&[]), "nothing to do\n");
+    }
+}
