@@ -25,6 +25,8 @@ use passthroughd_proto::{PciAddress, table};
 #[derive(Debug)]
 struct TreeKernel {
     root: PathBuf,
+    /// The driver a probe without an override binds, per function: the generator's plan.
+    native: std::collections::HashMap<PciAddress, &'static str>,
 }
 
 impl TreeKernel {
@@ -74,7 +76,11 @@ impl Kernel for TreeKernel {
                 let o = std::fs::read_to_string(dir.join("driver_override"))?;
                 let o = o.trim();
                 let driver = (!o.is_empty() && o != "(null)").then_some(o);
-                Self::set_driver(&dir, driver.or(Some("igb")))
+                let address: PciAddress = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| io::Error::from_raw_os_error(19))?;
+                Self::set_driver(&dir, driver.or(self.native.get(&address).copied()))
             }
             _ => std::fs::write(path, value),
         }
@@ -102,6 +108,10 @@ fn start() -> Real {
         state_dir: state.path().to_owned(),
         kernel: Arc::new(TreeKernel {
             root: tree.path().to_owned(),
+            native: synthetic::plan(SHAPE)
+                .into_iter()
+                .filter_map(|p| Some((p.address, p.driver?)))
+                .collect(),
         }),
         ids: Arc::new(PciIds::empty()),
     })
@@ -172,7 +182,20 @@ fn assign_and_release_emit_signals_and_persist() {
     });
     // A whole group, so the group rule is satisfied.
     let inv = inventory(r.tree.path());
-    let group = inv.groups.iter().find(|g| g.members.len() > 1).unwrap();
+    // A PF with VFs enabled is refused by vfio-pci (and so by the engine): pick a group without.
+    let group = inv
+        .groups
+        .iter()
+        .find(|g| {
+            g.members.len() > 1
+                && g.members.iter().all(|a| {
+                    inv.function(*a)
+                        .unwrap()
+                        .sriov
+                        .is_none_or(|s| s.num_vfs == 0)
+                })
+        })
+        .unwrap();
     let members: Vec<String> = group
         .members
         .iter()

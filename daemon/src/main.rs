@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use passthroughd::service::{self, ServiceConfig, error_chain};
 use passthroughd::kernel::SysfsKernel;
+use passthroughd::service::{self, ServiceConfig, error_chain};
 use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::table;

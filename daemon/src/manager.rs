@@ -398,7 +398,7 @@ impl Manager {
                     address,
                     reason: format!(
                         "it is an SR-IOV PF with {} VFs enabled, which vfio-pci refuses; \
-                         destroy the VFs first (passthroughctl vf destroy {address})",
+                         destroy the VFs first (echo 0 > /sys/bus/pci/devices/{address}/sriov_numvfs)",
                         sriov.num_vfs
                     ),
                 });
