@@ -8,3 +8,5 @@ pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
 pub mod ops;
 pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status};
+pub mod host;
+pub use host::{Check, HostReport, Verdict};
