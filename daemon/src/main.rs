@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use passthroughd::{Inventory, PciIds, SysfsRoot, table};
+use passthroughd::{Inventory, PciIds, SysfsRoot, host, table};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,13 @@ enum Command {
     /// Print every PCI function and IOMMU group once, read directly from sysfs, and exit.
     Inventory {
         /// One JSON document {"functions": [...], "groups": [...]} instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether this host can pass devices through to VMs (CPU, KVM, IOMMU, VFIO, kernel
+    /// config, topology, memory, SR-IOV) and print the report. Read MSRs needs root and `msr`.
+    Host {
+        /// The report as one JSON document (docs/host-report.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -54,6 +61,27 @@ fn main() -> ExitCode {
         None => PciIds::load_system(),
     };
     match flags.command {
+        Command::Host { json } => {
+            let report = host::report_live(&root, &ids);
+            let text = if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(doc) => doc + "\n",
+                    Err(e) => {
+                        eprintln!("passthroughd: encoding the host report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                passthroughd_proto::host::render_text(&report)
+            };
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("passthroughd: writing the host report: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Inventory { json } => match Inventory::scan(&root, &ids) {
             Ok(inventory) => {
                 let text = if json {

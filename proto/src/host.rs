@@ -192,9 +192,9 @@ pub fn overall(checks: &[Check]) -> Overall {
         (None, None) => (Verdict::Pass, None),
     };
     let summary = match verdict {
-        Verdict::Fail => format!(
-            "NOT ready for VFIO passthrough: {failed} check(s) failed, {warned} warning(s)"
-        ),
+        Verdict::Fail => {
+            format!("NOT ready for VFIO passthrough: {failed} check(s) failed, {warned} warning(s)")
+        }
         Verdict::Warn => format!("ready for VFIO passthrough, with {warned} warning(s)"),
         _ => "ready for VFIO passthrough".to_owned(),
     };
@@ -208,9 +208,9 @@ pub fn overall(checks: &[Check]) -> Overall {
 }
 
 fn kb(kb: u64) -> String {
-    if kb >= 1 << 20 && kb % (1 << 20) == 0 {
+    if kb >= 1 << 20 && kb.is_multiple_of(1 << 20) {
         format!("{}G", kb >> 20)
-    } else if kb >= 1 << 10 && kb % (1 << 10) == 0 {
+    } else if kb >= 1 << 10 && kb.is_multiple_of(1 << 10) {
         format!("{}M", kb >> 10)
     } else {
         format!("{kb}K")
@@ -393,7 +393,10 @@ mod tests {
         assert_eq!(o.verdict, Verdict::Warn);
         assert_eq!(o.first_fix.as_deref(), Some("warn fix"));
         let o = overall(&checks[..1]);
-        assert_eq!((o.ready, o.verdict, o.first_check), (true, Verdict::Pass, None));
+        assert_eq!(
+            (o.ready, o.verdict, o.first_check),
+            (true, Verdict::Pass, None)
+        );
     }
 
     #[test]
@@ -424,7 +427,10 @@ mod tests {
         };
         let text = render_text(&report);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "PASS cpu.virt_extension  cpu.virt_extension summary");
+        assert_eq!(
+            lines[0],
+            "PASS cpu.virt_extension  cpu.virt_extension summary"
+        );
         assert_eq!(lines[1], "FAIL iommu.groups        iommu.groups summary");
         assert_eq!(lines[2], "                         fix: add intel_iommu=on");
         assert!(text.contains("NOT ready for VFIO passthrough"));
