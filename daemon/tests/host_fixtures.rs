@@ -387,3 +387,18 @@ fn sriov_devices_from_the_captured_vm_tree() {
     assert_eq!(verdict(&r, "iommu.groups"), Verdict::Pass);
     assert_eq!(verdict(&r, "kconfig.source"), Verdict::Warn);
 }
+
+#[test]
+fn iommu_facts_give_scripts_numbers() {
+    let r = report("amd-cpu-intel-iommu");
+    assert_eq!(r.iommu.acpi_tables, vec!["DMAR".to_owned()]);
+    assert_eq!(r.iommu.units, vec!["dmar0".to_owned()]);
+    assert_eq!(r.iommu.group_count, 18);
+    assert_eq!(r.iommu.default_domains.get("identity"), Some(&18));
+    assert_eq!(r.iommu.interrupt_remapping, Some(true));
+    let off = report("iommu-table-but-off");
+    assert_eq!(
+        (off.iommu.group_count, off.iommu.interrupt_remapping),
+        (0, Some(false))
+    );
+}

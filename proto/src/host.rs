@@ -6,6 +6,7 @@
 //! fields may be added; [`HostReport::schema_version`] changes only when one is removed or
 //! changes meaning.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,21 @@ pub struct MemoryFacts {
     pub ksm: Ksm,
 }
 
+/// What the IOMMU checks found, as numbers a script can compare.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuFacts {
+    /// ACPI tables present: `DMAR` (Intel VT-d), `IVRS` (AMD-Vi).
+    pub acpi_tables: Vec<String>,
+    /// Units in /sys/class/iommu (`dmar0`, `ivhd0`).
+    pub units: Vec<String>,
+    /// Entries of /sys/kernel/iommu_groups; 0 when the IOMMU is off.
+    pub group_count: u32,
+    /// Default domain type → number of groups (`identity`, `DMA`, `DMA-FQ`).
+    pub default_domains: BTreeMap<String, u32>,
+    /// `Some(true)` when IR-* irq chips are in use, `None` when it cannot be told.
+    pub interrupt_remapping: Option<bool>,
+}
+
 /// An SR-IOV physical function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SriovDevice {
@@ -169,6 +185,7 @@ pub struct HostReport {
     pub overall: Overall,
     pub checks: Vec<Check>,
     pub cpu: CpuFacts,
+    pub iommu: IommuFacts,
     pub topology: Topology,
     pub numa_nodes: Vec<NumaNode>,
     pub memory: MemoryFacts,
@@ -262,6 +279,28 @@ pub fn render_text(report: &HostReport) -> String {
             )
         } else {
             String::new()
+        }
+    );
+    let i = &report.iommu;
+    let _ = writeln!(
+        out,
+        "  iommu      tables {}; units {}; {} groups {:?}; interrupt remapping {}",
+        if i.acpi_tables.is_empty() {
+            "none".to_owned()
+        } else {
+            i.acpi_tables.join(", ")
+        },
+        if i.units.is_empty() {
+            "none".to_owned()
+        } else {
+            i.units.join(", ")
+        },
+        i.group_count,
+        i.default_domains,
+        match i.interrupt_remapping {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
         }
     );
     let t = &report.topology;
@@ -420,6 +459,7 @@ mod tests {
             overall: overall(&checks),
             checks,
             cpu: CpuFacts::default(),
+            iommu: IommuFacts::default(),
             topology: Topology::default(),
             numa_nodes: vec![],
             memory: MemoryFacts::default(),

@@ -16,7 +16,7 @@ log() { echo "setup.sh: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
-PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv)
+PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv cpu-checker libvirt-clients)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.

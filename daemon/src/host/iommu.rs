@@ -10,7 +10,7 @@
 //! bed (ecap f00f4a, `IR-IO-APIC`/`IR-PCI-MSIX` chips). The DMAR table's flags and the kernel
 //! log are not used: the first is not exported, the second can be rotated or restricted.
 
-use passthroughd_proto::host::{Check, Verdict};
+use passthroughd_proto::host::{Check, IommuFacts, Verdict};
 
 use super::{Probe, check, dir_names, param_on, read_text};
 
@@ -102,7 +102,7 @@ fn remapped_irqs(text: &str) -> (usize, Vec<String>) {
     (count, chips)
 }
 
-pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
+pub fn checks(probe: &Probe, out: &mut Vec<Check>) -> IommuFacts {
     let tables = tables(probe);
     let guest = probe.is_guest();
     let tables_dir = probe.show(&probe.root.sys_path("firmware/acpi/tables"));
@@ -445,6 +445,20 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
         )
     });
 
+    let facts = IommuFacts {
+        acpi_tables: tables
+            .iter()
+            .map(|t| format!("{t:?}").to_uppercase())
+            .collect(),
+        units: units.clone(),
+        group_count: u32::try_from(groups.len()).unwrap_or(u32::MAX),
+        default_domains: types
+            .iter()
+            .map(|(t, n)| (t.clone(), u32::try_from(*n).unwrap_or(u32::MAX)))
+            .collect(),
+        interrupt_remapping: interrupts.as_ref().map(|_| ir_irqs > 0),
+    };
+
     // iommu.unsafe_interrupts
     let param_path = probe
         .root
@@ -484,6 +498,7 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
             None,
         ),
     });
+    facts
 }
 
 #[cfg(test)]

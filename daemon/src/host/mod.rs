@@ -37,7 +37,7 @@ pub fn report(root: &SysfsRoot, ids: &PciIds, msr: &dyn MsrSource) -> HostReport
     let mut checks = Vec::new();
     cpu::checks(&probe, &mut checks);
     kvm::checks(&probe, &mut checks);
-    iommu::checks(&probe, &mut checks);
+    let iommu = iommu::checks(&probe, &mut checks);
     vfio::checks(&probe, &mut checks);
     kconfig::checks(&probe, &mut checks);
     let sriov_devices = sriov::devices(root, ids, &mut checks);
@@ -49,6 +49,7 @@ pub fn report(root: &SysfsRoot, ids: &PciIds, msr: &dyn MsrSource) -> HostReport
         overall: wire::overall(&checks),
         checks,
         cpu: probe.cpu_facts(),
+        iommu,
         topology: topology::facts(&probe),
         numa_nodes: memory::numa_nodes(&probe),
         memory,
