@@ -27,6 +27,22 @@ const AMD_PARAMS: &[(&str, &str, &str)] = &[
     ("nested", "kvm.nested", "nested virtualization"),
 ];
 
+/// Whether /proc/cpuinfo shows the CPU lacks the feature behind a parameter (`flags` and, on
+/// Intel since 5.6, `vmx flags`). Parameters without a cpuinfo flag are never "lacking".
+fn cpu_lacks(probe: &Probe, param: &str) -> bool {
+    let flag = match param {
+        "ept" | "vpid" | "npt" | "avic" => param,
+        "enable_shadow_vmcs" => "shadow_vmcs",
+        _ => return false,
+    };
+    let vmx_flags = probe
+        .cpuinfo
+        .get("vmx flags")
+        .map(String::as_str)
+        .unwrap_or("");
+    !probe.has_flag(flag) && !vmx_flags.split_whitespace().any(|f| f == flag)
+}
+
 pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
     let kvm = probe.module("kvm", "KVM");
     let intel = probe.module("kvm_intel", "KVM_INTEL");
@@ -168,6 +184,19 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
                 format!("{what} on"),
                 format!("{evidence_path}: {v}"),
                 None,
+            ),
+            // Off because the CPU lacks it: the module option cannot turn it on.
+            Some((v, _)) if cpu_lacks(probe, param) => check(
+                id,
+                Verdict::Warn,
+                format!("{what} off: this CPU does not have it"),
+                format!("{evidence_path}: {v}; {} has no '{param}' flag", probe.cpuinfo_path()),
+                probe.is_guest().then(|| {
+                    format!(
+                        "expose {param} to this VM from the outer host ({}): -cpu host / host-passthrough",
+                        probe.hypervisor_name()
+                    )
+                }),
             ),
             Some((v, _)) => check(
                 id,
