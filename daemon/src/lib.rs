@@ -8,6 +8,7 @@ pub mod binder;
 pub mod error;
 pub mod groups;
 pub mod guard;
+pub mod host;
 pub mod inventory;
 pub mod journal;
 pub mod kernel;

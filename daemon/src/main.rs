@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use passthroughd::host;
 use passthroughd::kernel::SysfsKernel;
 use passthroughd::service::{self, ServiceConfig, error_chain};
 use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
@@ -54,6 +55,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check whether this host can pass devices through to VMs (CPU, KVM, IOMMU, VFIO, kernel
+    /// config, topology, memory, SR-IOV) and print the report. Read MSRs needs root and `msr`.
+    Host {
+        /// The report as one JSON document (docs/host-report.md) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
     let root = SysfsRoot::new(&flags.sysfs_root);
     match flags.command {
         Some(Command::Inventory { json }) => inventory(&root, &ids, json),
+        Some(Command::Host { json }) => host_report(&root, &ids, json),
         None => run(&flags, root, ids),
     }
 }
@@ -95,6 +104,29 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The host capability report, read directly (as root it can read the MSRs), printed once.
+fn host_report(root: &SysfsRoot, ids: &PciIds, json: bool) -> ExitCode {
+    let report = host::report_live(root, ids);
+    let text = if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(doc) => doc + "\n",
+            Err(e) => {
+                eprintln!("passthroughd: encoding the host report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        passthroughd_proto::host::render_text(&report)
+    };
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("passthroughd: writing the host report: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn inventory(root: &SysfsRoot, ids: &PciIds, json: bool) -> ExitCode {

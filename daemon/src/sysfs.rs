@@ -117,6 +117,35 @@ impl SysfsRoot {
     pub fn proc_dir(&self) -> PathBuf {
         self.root.join("proc")
     }
+
+    /// A file under `proc/` (`cpuinfo`, `cmdline`, `sys/kernel/osrelease`).
+    pub fn proc_file(&self, rel: &'static str) -> PathBuf {
+        self.proc_dir().join(rel)
+    }
+
+    /// `sys/`: a path under sysfs, from a constant of ours (`kernel/mm/ksm/run`).
+    pub fn sys_path(&self, rel: &'static str) -> PathBuf {
+        self.root.join("sys").join(rel)
+    }
+
+    /// `dev/`: a device node (`kvm`, `vfio/vfio`, `cpu/0/msr`).
+    pub fn dev_path(&self, rel: &'static str) -> PathBuf {
+        self.root.join("dev").join(rel)
+    }
+
+    /// `boot/`: the kernel's config file lives here as `config-RELEASE`.
+    pub fn boot_dir(&self) -> PathBuf {
+        self.root.join("boot")
+    }
+
+    /// One module's parameter: `sys/module/MODULE/parameters/NAME`.
+    pub fn module_param(&self, module: &'static str, name: &'static str) -> PathBuf {
+        let mut path = self.module_dir();
+        path.push(module);
+        path.push("parameters");
+        path.push(name);
+        path
+    }
 }
 
 /// The PCI address components of a resolved device path, outermost first:

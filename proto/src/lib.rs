@@ -12,3 +12,5 @@ pub mod wire;
 pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
 pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status};
+pub mod host;
+pub use host::{Check, HostReport, Verdict};

@@ -17,9 +17,10 @@ log() { echo "setup.sh: $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 # Scenario tools: dbus (a real system bus in the guest), strace (kills the daemon at an exact
-# sysfs write), e2fsprogs (a mounted disk for the guard), dpdk + driverctl (benchmark baselines).
+# sysfs write), e2fsprogs (a mounted disk for the guard), dpdk + driverctl (benchmark baselines),
+# cpu-checker + libvirt-clients (kvm-ok and virt-host-validate, compared with our host report).
 PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv
-      dbus strace e2fsprogs dpdk driverctl)
+      dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.
