@@ -10,8 +10,11 @@ e1000="$(find_dev 0x8086 0x100e)"
 pcnet="$(find_dev 0x1022 0x2000)"
 bridge="$(basename "$(dirname "$(readlink -f "$SYS/$e1000")")")"
 route_if="$(ip route show default | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n1)"
-route_nic="$(basename "$(readlink -f "/sys/class/net/$route_if/device")")"
-disk="$(readlink -f /sys/block/vda | grep -o '[0-9a-f]\{4\}:[0-9a-f]\{2\}:[0-9a-f]\{2\}\.[0-7]' | tail -n1)"
+# The PCI function under a class device: the innermost address in its resolved sysfs path (a
+# virtio NIC's or disk's `device` is the virtioN device, whose parent is the function).
+pci_of() { readlink -f "$1" | grep -o '[0-9a-f]\{4\}:[0-9a-f]\{2\}:[0-9a-f]\{2\}\.[0-7]' | tail -n1; }
+route_nic="$(pci_of "/sys/class/net/$route_if")"
+disk="$(pci_of /sys/block/vda)"
 note "igb $pf, e1000e $e1000e, bridged $e1000 + $pcnet behind $bridge, default route $route_if on $route_nic, disk vda on $disk"
 check all-devices-found test -n "$pf" -a -n "$e1000e" -a -n "$e1000" -a -n "$pcnet" -a -n "$route_nic" -a -n "$disk"
 
@@ -46,12 +49,14 @@ check default-route-reason grep -qi "route" "$PT_OUT/last.err"
 expect_eq default-route-nic-untouched "$(driver_of "$route_nic")" virtio-pci
 
 # The disk holding a mounted filesystem is refused, even with --force.
-mkdir -p /mnt/ptdisk && mkfs.ext4 -q -F /dev/vda && mount /dev/vda /mnt/ptdisk
+# /tmp is one of the guest's writable directories (the host's / is read-only there).
+mkdir -p /tmp/ptdisk && mkfs.ext4 -q -F /dev/vda && mount /dev/vda /tmp/ptdisk
+check disk-mounted mountpoint -q /tmp/ptdisk
 exit_is mounted-disk-refused 5 "$CTL" assign "$disk"
 check mounted-disk-reason grep -qi "mount" "$PT_OUT/last.err"
 exit_is mounted-disk-refused-with-force 5 "$CTL" assign --force "$disk"
 expect_eq mounted-disk-untouched "$(driver_of "$disk")" virtio-pci
-umount /mnt/ptdisk
+umount /tmp/ptdisk
 
 # Bad inputs get their exit codes and change nothing.
 before="$(kernel_functions)"
