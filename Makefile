@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh
+VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/bench-assign.sh
 
 .PHONY: demo test setup build lint unit vm bench capture
 
@@ -30,7 +30,7 @@ unit:
 vm: build
 	@for s in $(VM_SCENARIOS); do \
 	  echo "== VM scenario $$s"; \
-	  PT_VM_QUIET=1 tests/vm/run.sh $$s || exit 1; \
+	  PT_VM_QUIET=1 PT_VM_TIMEOUT=$${PT_VM_TIMEOUT:-600} tests/vm/run.sh $$s || exit 1; \
 	done
 
 ## bench: inventory scan of the synthetic 4,096-function host (prints medians and the lspci ratio)

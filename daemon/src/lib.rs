@@ -19,6 +19,7 @@ pub mod sim;
 pub mod state;
 pub mod synthetic;
 pub mod sysfs;
+pub mod uevents;
 
 pub use error::{Error, ErrorKind};
 pub use inventory::{Inventory, InventoryError};

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use passthroughd::host;
 use passthroughd::kernel::SysfsKernel;
 use passthroughd::service::{self, ServiceConfig, error_chain};
+use passthroughd::uevents;
 use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::table;
@@ -166,6 +167,8 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
     if flags.config.exists() {
         info!(config = %flags.config.display(), "config file present; it is applied from a later version on");
     }
+    // Kernel uevents describe the live /sys only: a captured or simulated tree gets none.
+    let live_kernel = root.root() == std::path::Path::new("/");
     let config = ManagerConfig {
         kernel: Arc::new(SysfsKernel),
         root,
@@ -173,7 +176,7 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
         ids: Arc::new(ids),
     };
     let (manager, report) = match Manager::open(config) {
-        Ok(opened) => opened,
+        Ok((manager, report)) => (Arc::new(manager), report),
         Err(e) => {
             error!("cannot start: {}", error_chain(&e));
             return ExitCode::FAILURE;
@@ -188,6 +191,17 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
     for (address, why) in &report.refused {
         warn!(%address, %why, "persisted assignment refused");
     }
+    if live_kernel {
+        let listener = Arc::downgrade(&manager);
+        match uevents::spawn_listener(move || {
+            if let Some(manager) = listener.upgrade() {
+                manager.invalidate_inventory();
+            }
+        }) {
+            Ok(()) => manager.enable_inventory_cache(),
+            Err(e) => warn!("no kernel uevents ({e}): every read rescans sysfs"),
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -200,7 +214,7 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let engine: Arc<dyn service::Engine> = Arc::new(manager);
+        let engine: Arc<dyn service::Engine> = manager;
         let _connection = match service::serve(&flags.bus, engine, ServiceConfig::default()).await {
             Ok(connection) => connection,
             Err(e) => {

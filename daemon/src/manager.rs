@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -169,7 +170,19 @@ pub struct Manager {
     freed: Condvar,
     /// Serializes read-modify-write of state.toml between requests on different groups.
     state_lock: Mutex<()>,
+    /// Readers' copy of the last scan (see [`Manager::snapshot`]): the generation it was taken
+    /// at, when, and the scan.
+    cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
+    /// Bumped whenever a request lets go of its groups and on every kernel PCI uevent.
+    generation: AtomicU64,
+    /// Set while something reports outside changes through [`Manager::invalidate_inventory`].
+    cache_enabled: AtomicBool,
 }
+
+/// How long a cached inventory may serve readers. Some changes made outside the daemon raise
+/// no uevent (writes to `driver_override` or `sriov_drivers_autoprobe`); this bounds how stale
+/// a read can be after one of those.
+pub const INVENTORY_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// Holds a request's groups; dropping it lets the next request on them in.
 struct GroupGuard<'a> {
@@ -183,6 +196,9 @@ impl Drop for GroupGuard<'_> {
         for key in &self.keys {
             busy.remove(key);
         }
+        // Every mutation holds its groups while it writes: once it lets go, readers must see
+        // what it did, even before the kernel's uevents arrive.
+        self.manager.invalidate_inventory();
         self.manager.freed.notify_all();
     }
 }
@@ -224,6 +240,9 @@ impl Manager {
             busy: Mutex::new(HashSet::new()),
             freed: Condvar::new(),
             state_lock: Mutex::new(()),
+            cached: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            cache_enabled: AtomicBool::new(false),
         };
         let mut report = StartupReport::default();
         manager.recover(&mut report)?;
@@ -231,9 +250,43 @@ impl Manager {
         Ok((manager, report))
     }
 
-    /// A fresh scan of functions and groups. Takes no lock: never waits for a bind.
+    /// A fresh scan of functions and groups. Takes no lock: never waits for a bind. Every
+    /// decision the engine makes uses this, never the readers' cache.
     pub fn inventory(&self) -> Result<Inventory, Error> {
         Ok(Inventory::scan(&self.config.root, &self.config.ids)?)
+    }
+
+    /// The inventory for readers (list, groups, show). While the cache is enabled (the daemon's
+    /// uevent listener runs), repeated reads share one scan until something changes: a request
+    /// finished, a PCI uevent arrived, or [`INVENTORY_CACHE_TTL`] passed. Without the listener
+    /// every read scans.
+    pub fn snapshot(&self) -> Result<Arc<Inventory>, Error> {
+        if !self.cache_enabled.load(Ordering::Acquire) {
+            return Ok(Arc::new(self.inventory()?));
+        }
+        // Taken before the scan: a change during the scan leaves the entry already stale.
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((g, at, inventory)) = &*lock(&self.cached)
+            && *g == generation
+            && at.elapsed() < INVENTORY_CACHE_TTL
+        {
+            return Ok(Arc::clone(inventory));
+        }
+        let started = Instant::now();
+        let fresh = Arc::new(self.inventory()?);
+        *lock(&self.cached) = Some((generation, started, Arc::clone(&fresh)));
+        Ok(fresh)
+    }
+
+    /// Something changed outside the engine's knowledge (a kernel uevent): readers rescan.
+    pub fn invalidate_inventory(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Turns the readers' cache on; only for callers that report outside changes through
+    /// [`Self::invalidate_inventory`].
+    pub fn enable_inventory_cache(&self) {
+        self.cache_enabled.store(true, Ordering::Release);
     }
 
     /// Every assignment the daemon knows of, persistent or runtime, plus persisted ones that

@@ -24,7 +24,8 @@ use crate::manager::{Caller, Manager};
 /// What the service needs from the engine. [`Manager`] is the real one; tests of the D-Bus layer
 /// can put a scripted one behind the same interface.
 pub trait Engine: Send + Sync + 'static {
-    fn inventory(&self) -> Result<Inventory, Error>;
+    /// What readers see; may be shared between requests (see `Manager::snapshot`).
+    fn inventory(&self) -> Result<Arc<Inventory>, Error>;
     fn assign(
         &self,
         caller: &Caller,
@@ -41,8 +42,8 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 impl Engine for Manager {
-    fn inventory(&self) -> Result<Inventory, Error> {
-        Manager::inventory(self)
+    fn inventory(&self) -> Result<Arc<Inventory>, Error> {
+        Manager::snapshot(self)
     }
     fn assign(
         &self,

@@ -177,8 +177,8 @@ impl ScriptedEngine {
 }
 
 impl Engine for ScriptedEngine {
-    fn inventory(&self) -> Result<Inventory, Error> {
-        Ok(Inventory::scan(&self.root, &PciIds::empty())?)
+    fn inventory(&self) -> Result<Arc<Inventory>, Error> {
+        Ok(Arc::new(Inventory::scan(&self.root, &PciIds::empty())?))
     }
     fn assign(
         &self,

@@ -20,7 +20,7 @@ check all-devices-found test -n "$pf" -a -n "$e1000e" -a -n "$e1000" -a -n "$pcn
 
 start_system_bus
 check daemon-starts start_daemon
-check list-json-covers-every-function sh -c "[ \"\$('$CTL' --json list | jq '.functions | length')\" = \"$(ls $SYS | wc -l)\" ]"
+expect_eq list-json-covers-every-function "$("$CTL" --json list | jq length)" "$(ls $SYS | wc -l)"
 
 # Assign and release restore the original driver.
 for dev in "$e1000e" "$pf"; do
@@ -95,7 +95,8 @@ crash_assign() {  # crash_assign NAME [assign options]
     start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
         -e trace=write -e inject=write:error=EIO:signal=KILL
     "$CTL" assign "$@" "$e1000e" >/dev/null 2>&1
-    wait_for "! kill -0 $DAEMON_PID 2>/dev/null" 10
+    wait_for "! kill -0 $(daemon_pid) 2>/dev/null" 10
+    rm -f "$DAEMON_PIDFILE"
     expect_eq "$name-killed-after-unbind" "$(driver_of "$e1000e")" -
     check "$name-journal-left" sh -c "ls '$STATE_DIR' | grep -qv '^state.toml$'"
     check "$name-recovers" start_daemon

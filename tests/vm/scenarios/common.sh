@@ -70,18 +70,30 @@ start_system_bus() {
 }
 
 # Starts passthroughd on the system bus (optionally under a wrapper such as strace) and waits
-# until it answers.
+# until it answers. The pid goes to a file, not a variable, so this also works inside `check`
+# (which runs its command in a subshell).
+DAEMON_PIDFILE="$PT_OUT/daemon.pid"
 start_daemon() {
+    if "$CTL" status >/dev/null 2>&1; then
+        echo "start_daemon: a daemon is already serving" >&2
+        return 1
+    fi
     "$@" "$PT_BIN/passthroughd" --bus system --state-dir "$STATE_DIR" >>"$PT_OUT/daemon.log" 2>&1 &
-    DAEMON_PID=$!
+    echo $! > "$DAEMON_PIDFILE"
     wait_for '"$CTL" status >/dev/null 2>&1' 30
 }
 
+# Stops the daemon started last and waits until it is gone and its bus name is free.
 stop_daemon() {
-    kill "$DAEMON_PID" 2>/dev/null
-    wait "$DAEMON_PID" 2>/dev/null
-    return 0
+    local pid
+    pid="$(cat "$DAEMON_PIDFILE" 2>/dev/null)" || return 0
+    kill "$pid" 2>/dev/null
+    wait_for "! kill -0 $pid 2>/dev/null" 20
+    wait_for '! "$CTL" status >/dev/null 2>&1' 10
+    rm -f "$DAEMON_PIDFILE"
 }
+
+daemon_pid() { cat "$DAEMON_PIDFILE" 2>/dev/null; }
 
 driver_of() { link_name "$SYS/$1/driver"; }
 
