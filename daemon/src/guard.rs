@@ -163,8 +163,12 @@ impl HostSnapshot {
     fn read_mounts(&mut self, root: &SysfsRoot) {
         let proc = root.proc_dir();
         // mountinfo gives the device number, which catches mounts whose source is a symlink
-        // or a label; mounts (or /proc/mounts) is the fallback the brief names.
-        if let Ok(text) = std::fs::read_to_string(proc.join("self/mountinfo")) {
+        // or a label; mounts (or /proc/mounts) is the fallback the brief names. PID 1's table
+        // first: under systemd's hardening (ProtectHome, PrivateTmp) the daemon has a mount
+        // namespace of its own, and what must not be unplugged is what the host has mounted.
+        let mountinfo = std::fs::read_to_string(proc.join("1/mountinfo"))
+            .or_else(|_| std::fs::read_to_string(proc.join("self/mountinfo")));
+        if let Ok(text) = mountinfo {
             for line in text.lines() {
                 let fields: Vec<&str> = line.split(' ').collect();
                 let Some(dash) = fields.iter().position(|f| *f == "-") else {
