@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
 use passthroughd_proto::wire::WireError;
-use passthroughd_proto::{Change, IommuGroup, PciAddress, PciFunction, Status, table};
+use passthroughd_proto::{
+    Change, HostReport, IommuGroup, PciAddress, PciFunction, Status, host, table,
+};
 use serde::Serialize;
 use zbus::proxy::CacheProperties;
 
@@ -20,7 +22,8 @@ const METHOD_TIMEOUT: Duration = Duration::from_secs(60);
 #[command(
     name = "passthroughctl",
     version,
-    about = "Control passthroughd: list PCI functions and IOMMU groups, assign them to vfio-pci"
+    about = "Control passthroughd: list PCI functions and IOMMU groups, assign them to vfio-pci, \
+             check the host"
 )]
 struct Cli {
     /// Print one JSON document on stdout instead of tables.
@@ -69,6 +72,16 @@ enum Command {
     },
     /// Daemon version, uptime, assignments and recent errors.
     Status,
+    /// Host capability report: VT-x/AMD-V, KVM, IOMMU, interrupt remapping, VFIO, kernel config,
+    /// SR-IOV, topology, memory; one verdict per check, and what to fix first.
+    ///
+    /// Text: one PASS/WARN/FAIL/N/A line per check with its fix, the facts, and the overall
+    /// verdict on the last line. --json: the report as one document (docs/host-report.md), the
+    /// same as `passthroughd host --json`.
+    ///
+    /// Exit status 0 means the report was produced, whatever it says: a host that is not ready
+    /// for passthrough is a result, not a failure. Scripts read `.overall.ready` from --json.
+    Host,
 }
 
 /// A failure: what we were doing, why, an optional hint, and the exit code.
@@ -311,6 +324,17 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             )
             .map_err(|e| malformed(what, &e))?;
             render(json, &status, table::status)
+        }
+        Command::Host => {
+            let what = "reading the host report";
+            let report = HostReport::try_from(
+                proxy
+                    .host()
+                    .await
+                    .map_err(|e| Failure::from_dbus(what, &e))?,
+            )
+            .map_err(|e| malformed(what, &e))?;
+            render(json, &report, host::render_text)
         }
     }
 }

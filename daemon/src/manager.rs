@@ -2,8 +2,8 @@
 //! (`service.rs`) is a thin layer over this; tests drive it directly over a simulated kernel.
 //!
 //! Concurrency contract: methods take `&self`; operations on different IOMMU groups may run in
-//! parallel, operations touching the same group are serialized, and `inventory`/`status`
-//! never wait for a slow bind. Callers run these on a blocking thread, never on the async
+//! parallel, operations touching the same group are serialized, and `inventory`/`status`/
+//! `host_report` never wait for a slow bind. Callers run these on a blocking thread, never on the async
 //! dispatch path.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use passthroughd_proto::device::driver_is_vfio_safe;
 use passthroughd_proto::{
-    AssignOptions, Assignment, Change, DeviceIdentity, PciAddress, PciFunction, ReleaseOptions,
-    Status,
+    AssignOptions, Assignment, Change, DeviceIdentity, HostReport, PciAddress, PciFunction,
+    ReleaseOptions, Status,
 };
 use tracing::{info, warn};
 
@@ -339,6 +339,12 @@ impl Manager {
             assignments: self.assignments(),
             last_errors: lock(&self.errors).iter().cloned().collect(),
         }
+    }
+
+    /// The host capability report of the root this engine reads (the daemon's `--sysfs-root`),
+    /// MSRs through that root's dev/cpu/0/msr. Takes no lock: never waits for a bind.
+    pub fn host_report(&self) -> HostReport {
+        crate::host::report_live(&self.config.root, &self.config.ids)
     }
 
     fn note_error(&self, line: &str) {

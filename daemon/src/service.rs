@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
-use passthroughd_proto::wire::{ChangeWire, FunctionWire, GroupWire, StatusWire};
-use passthroughd_proto::{AssignOptions, Change, PciAddress, ReleaseOptions, Status};
+use passthroughd_proto::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire};
+use passthroughd_proto::{AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status};
 use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
@@ -39,6 +39,8 @@ pub trait Engine: Send + Sync + 'static {
         options: ReleaseOptions,
     ) -> Result<Vec<Change>, Error>;
     fn status(&self) -> Result<Status, Error>;
+    /// The host capability report of the root the engine reads.
+    fn host_report(&self) -> Result<HostReport, Error>;
 }
 
 impl Engine for Manager {
@@ -63,6 +65,9 @@ impl Engine for Manager {
     }
     fn status(&self) -> Result<Status, Error> {
         Ok(Manager::status(self))
+    }
+    fn host_report(&self) -> Result<HostReport, Error> {
+        Ok(Manager::host_report(self))
     }
 }
 
@@ -352,6 +357,15 @@ impl ManagerObject {
     async fn status(&self) -> Result<StatusWire, proto_dbus::Error> {
         self.blocking("reading the status", |engine| {
             Ok(StatusWire::from(&engine.status()?))
+        })
+        .await
+    }
+
+    /// The host capability report: can this host pass devices through, and what to fix first.
+    /// A read: no authorization. A host that is not ready is a successful report, not an error.
+    async fn host(&self) -> Result<HostReportWire, proto_dbus::Error> {
+        self.blocking("reading the host report", |engine| {
+            Ok(HostReportWire::from(&engine.host_report()?))
         })
         .await
     }

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use zbus::DBusError;
 
-use crate::wire::{ChangeWire, FunctionWire, GroupWire, StatusWire};
+use crate::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire};
 
 /// The daemon's well-known bus name.
 pub const SERVICE: &str = "org.passthroughd.Passthrough1";
@@ -55,6 +55,9 @@ pub trait Manager {
 
     /// Daemon version, uptime, assignments and recent errors.
     fn status(&self) -> Result<StatusWire, Error>;
+
+    /// The host capability report of the root the daemon reads (no authorization needed).
+    fn host(&self) -> Result<HostReportWire, Error>;
 
     /// A function's driver changed; an empty string means "no driver".
     #[zbus(signal)]

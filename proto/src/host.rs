@@ -30,6 +30,28 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The lowercase name it has in JSON and on D-Bus (`pass`, `not_applicable`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+            Verdict::NotApplicable => "not_applicable",
+        }
+    }
+
+    /// The verdict [`Verdict::name`] gives `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Verdict::Pass,
+            Verdict::Warn,
+            Verdict::Fail,
+            Verdict::NotApplicable,
+        ]
+        .into_iter()
+        .find(|v| v.name() == name)
+    }
+
     /// The fixed-width word the text report starts each line with.
     pub fn label(self) -> &'static str {
         match self {
@@ -445,6 +467,23 @@ mod tests {
             json,
             r#"{"id":"x.y","verdict":"not_applicable","summary":"x.y summary","evidence":"read"}"#
         );
+    }
+
+    #[test]
+    fn verdict_names_are_the_json_names() {
+        for v in [
+            Verdict::Pass,
+            Verdict::Warn,
+            Verdict::Fail,
+            Verdict::NotApplicable,
+        ] {
+            assert_eq!(
+                serde_json::to_value(v).unwrap(),
+                serde_json::Value::from(v.name())
+            );
+            assert_eq!(Verdict::from_name(v.name()), Some(v));
+        }
+        assert_eq!(Verdict::from_name("PASS"), None);
     }
 
     #[test]

@@ -13,17 +13,41 @@ use crate::{
     PciFunction, SriovPf, Status, VfOf,
 };
 
+pub mod host;
+
+pub use host::HostReportWire;
+
 /// A reply the daemon sent that does not describe what it should.
 #[derive(Debug, thiserror::Error)]
 #[error("the daemon sent a malformed {field}")]
 pub struct WireError {
     field: &'static str,
     #[source]
-    source: AddressError,
+    source: WireCause,
+}
+
+/// Why a value on the wire was rejected.
+#[derive(Debug, thiserror::Error)]
+enum WireCause {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// A string outside the set of names the value can take (e.g. a verdict).
+    #[error("unknown value {0:?}")]
+    Unknown(String),
 }
 
 fn address(field: &'static str, text: &str) -> Result<PciAddress, WireError> {
-    text.parse().map_err(|source| WireError { field, source })
+    text.parse().map_err(|e: AddressError| WireError {
+        field,
+        source: e.into(),
+    })
+}
+
+fn unknown(field: &'static str, text: &str) -> WireError {
+    WireError {
+        field,
+        source: WireCause::Unknown(text.to_owned()),
+    }
 }
 
 /// [`PciFunction`] on the wire (`a{sv}`).

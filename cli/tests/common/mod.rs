@@ -14,9 +14,9 @@ use passthroughd::error::Error;
 use passthroughd::manager::Caller;
 use passthroughd::service::{self, Engine, ServiceConfig};
 use passthroughd::synthetic::{self, HostShape};
-use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd::{Inventory, PciIds, SysfsRoot, host};
 use passthroughd_proto::dbus::Bus;
-use passthroughd_proto::{AssignOptions, Change, PciAddress, ReleaseOptions, Status};
+use passthroughd_proto::{AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status};
 
 /// A small host: 64 functions, 8 of them VFs of two PFs, in 8 groups.
 pub const SHAPE: HostShape = HostShape {
@@ -212,6 +212,10 @@ impl Engine for ScriptedEngine {
             last_errors: Vec::new(),
         })
     }
+    /// The real report of the tree, as the daemon builds it.
+    fn host_report(&self) -> Result<HostReport, Error> {
+        Ok(host::report_live(&self.root, &PciIds::empty()))
+    }
 }
 
 /// The service on a test bus, over a synthetic tree, with a scripted engine.
@@ -232,7 +236,23 @@ impl Harness {
     pub fn start_with(bus: TestBus, shape: HostShape, config: ServiceConfig) -> Self {
         let tree = tempfile::tempdir().unwrap();
         synthetic::generate(tree.path(), shape).unwrap();
-        let engine = ScriptedEngine::new(tree.path());
+        Self::serve(bus, tree, None, config)
+    }
+
+    /// The service over an existing root (a fixture, read only), not a synthetic tree; `tree`
+    /// is then an empty directory and [`Harness::inventory`] is not meaningful.
+    pub fn start_on_root(root: &Path) -> Self {
+        let tree = tempfile::tempdir().unwrap();
+        Self::serve(TestBus::start(), tree, Some(root), ServiceConfig::default())
+    }
+
+    fn serve(
+        bus: TestBus,
+        tree: tempfile::TempDir,
+        root: Option<&Path>,
+        config: ServiceConfig,
+    ) -> Self {
+        let engine = ScriptedEngine::new(root.unwrap_or(tree.path()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -57,7 +57,8 @@ pub fn report(root: &SysfsRoot, ids: &PciIds, msr: &dyn MsrSource) -> HostReport
     }
 }
 
-/// The report of the live host: root `/`, MSRs through `/dev/cpu/0/msr`.
+/// The report of the live host under `root` (`/` on a real host), MSRs through `root`'s
+/// dev/cpu/0/msr (absent in fixtures: the firmware verdict then rests on the kvm module state).
 pub fn report_live(root: &SysfsRoot, ids: &PciIds) -> HostReport {
     report(root, ids, &DevCpuMsr::new(root))
 }

@@ -3,7 +3,8 @@
 # the kernel's group count, interrupt remapping on (the VM has intremap=on), the guest detected as
 # a VM (QEMU, TCG: an emulated AMD CPU with svm and no vmx, under an emulated *Intel* IOMMU), KVM
 # verdicts matching /proc/modules and /dev/kvm. kvm-ok and virt-host-validate run in the same
-# guest; where they disagree with the truth or with us is recorded as NOTE, never failed on.
+# guest; where they disagree with the truth or with us is recorded as NOTE, never failed on. The
+# daemon then serves the same report on the system bus: passthroughctl prints what passthroughd does.
 . "$PT_REPO/tests/vm/lib.sh"
 . "$PT_REPO/tests/vm/scenarios/common.sh"
 
@@ -70,6 +71,34 @@ if modprobe msr 2>/dev/null && [ -e /dev/cpu/0/msr ]; then
 else
     note "msr module not available: firmware verdict rests on the kvm module state"
 fi
+
+# The same report from the daemon on the guest's system bus (it reads the root it was started
+# with, /, as root): passthroughctl --json host is passthroughd host --json, and the text closes
+# with the overall verdict. Both are taken after the msr step, so they read the same evidence.
+start_system_bus
+start_daemon
+check daemon-answers "$CTL" status
+"$CTL" --json host > "$PT_OUT/ctl-host.json" 2> "$PT_OUT/ctl-host.stderr"
+expect_eq ctl-host-json-exit "$?" 0
+"$PTD" host --json > "$PT_OUT/ptd-host.json" 2>> "$PT_OUT/host.stderr"
+check ctl-json-is-one-document jq -e '.schema_version == 1' "$PT_OUT/ctl-host.json"
+# Equal in every field but one: a NUMA node's free memory is a live reading (node meminfo
+# MemFree) that moves between the two reads, so it is compared for presence, not value.
+free_kb='[.numa_nodes[].memory_free_kb]'
+jq -S "del(.numa_nodes[].memory_free_kb)" "$PT_OUT/ptd-host.json" > "$PT_OUT/ptd-host.sorted.json"
+jq -S "del(.numa_nodes[].memory_free_kb)" "$PT_OUT/ctl-host.json" > "$PT_OUT/ctl-host.sorted.json"
+check ctl-json-equals-passthroughd-json diff -u "$PT_OUT/ptd-host.sorted.json" "$PT_OUT/ctl-host.sorted.json"
+check ctl-json-numa-free-present jq -e "$free_kb | length > 0 and all(type == \"number\")" "$PT_OUT/ctl-host.json"
+note "numa memory_free_kb (live, moves between reads): passthroughd $(jq -c "$free_kb" "$PT_OUT/ptd-host.json"), passthroughctl $(jq -c "$free_kb" "$PT_OUT/ctl-host.json")"
+"$CTL" host > "$PT_OUT/ctl-host.txt" 2>> "$PT_OUT/ctl-host.stderr"
+expect_eq ctl-host-text-exit "$?" 0
+verdict_line="$(jq -r '.overall | ({pass: "PASS", warn: "WARN", fail: "FAIL"}[.verdict]) + " " + .summary' "$PT_OUT/ctl-host.json")"
+# The verdict is the last line at column 0; only its indented "first fix" line may follow it.
+expect_eq ctl-text-last-line-is-verdict "$(grep -v '^ ' "$PT_OUT/ctl-host.txt" | tail -n 1)" "$verdict_line"
+expect_eq ctl-text-after-verdict "$(sed -n '/^[A-Z]/h; /^[A-Z]/!H; ${x;p}' "$PT_OUT/ctl-host.txt" | sed 1d | grep -vc '^     first ')" 0
+expect_eq ctl-text-check-lines "$(grep -cE '^(PASS|WARN|FAIL|N/A ) [a-z0-9_]+\.[a-z0-9_.]+ ' "$PT_OUT/ctl-host.txt")" "$(jq '.checks | length' "$PT_OUT/ctl-host.json")"
+note "passthroughctl host, last lines: $(tail -n 2 "$PT_OUT/ctl-host.txt" | tr '\n' '|')"
+stop_daemon
 
 # The tools users would otherwise run, in the same guest.
 if command -v kvm-ok >/dev/null; then
