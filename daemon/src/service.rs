@@ -46,8 +46,12 @@ pub trait Engine: Send + Sync + 'static {
         assign: bool,
         runtime: bool,
     ) -> Result<Vec<VfInfo>, Error>;
-    fn vf_destroy(&self, caller: &Caller, pf: PciAddress, force: bool)
-    -> Result<Vec<Change>, Error>;
+    fn vf_destroy(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        force: bool,
+    ) -> Result<Vec<Change>, Error>;
     fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error>;
 }
 

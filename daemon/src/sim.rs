@@ -602,14 +602,17 @@ impl SimKernel {
             self.add_device(&spec)?;
             self.set_native(address, &config.vf_driver);
             let pf_dir = self.sysfs.pci_device_dir(pf);
-            symlink(format!("../{address}"), pf_dir.join(format!("virtfn{index}")))?;
+            symlink(
+                format!("../{address}"),
+                pf_dir.join(format!("virtfn{index}")),
+            )?;
             symlink(
                 format!("../{pf}"),
                 self.sysfs.pci_device_dir(address).join("physfn"),
             )?;
+            // udev loads the VF driver on the add event either way; it binds only with autoprobe.
+            self.add_driver(&config.vf_driver)?;
             if autoprobe {
-                // udev loads the VF driver, which binds the new VF.
-                self.add_driver(&config.vf_driver)?;
                 self.link_driver(address, &config.vf_driver)?;
             }
         }
@@ -784,14 +787,27 @@ impl SimKernel {
             }
             ["sys", "bus", "pci", "devices", dev, "sriov_numvfs"] => {
                 let address: PciAddress = dev.parse().map_err(|_| errno(Errno::ENOENT))?;
-                if !self.sysfs.pci_device_attr(address, "sriov_numvfs").is_file() {
+                if !self
+                    .sysfs
+                    .pci_device_attr(address, "sriov_numvfs")
+                    .is_file()
+                {
                     return Err(errno(Errno::ENOENT));
                 }
                 self.store_numvfs(address, value)
             }
-            ["sys", "bus", "pci", "devices", dev, "sriov_drivers_autoprobe"] => {
+            [
+                "sys",
+                "bus",
+                "pci",
+                "devices",
+                dev,
+                "sriov_drivers_autoprobe",
+            ] => {
                 let address: PciAddress = dev.parse().map_err(|_| errno(Errno::ENOENT))?;
-                let path = self.sysfs.pci_device_attr(address, "sriov_drivers_autoprobe");
+                let path = self
+                    .sysfs
+                    .pci_device_attr(address, "sriov_drivers_autoprobe");
                 if !path.is_file() {
                     return Err(errno(Errno::ENOENT));
                 }
@@ -817,16 +833,14 @@ impl SimKernel {
 /// `kstrtou16(text, 0)`: optional `+`, then `0x` hex, `0` octal or decimal, nothing else.
 fn parse_kstrtou16(text: &str) -> Option<u32> {
     let text = text.strip_prefix('+').unwrap_or(text);
-    let (digits, radix) = if let Some(hex) = text
-        .strip_prefix("0x")
-        .or_else(|| text.strip_prefix("0X"))
-    {
-        (hex, 16)
-    } else if text.len() > 1 && text.starts_with('0') {
-        (&text[1..], 8)
-    } else {
-        (text, 10)
-    };
+    let (digits, radix) =
+        if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            (hex, 16)
+        } else if text.len() > 1 && text.starts_with('0') {
+            (&text[1..], 8)
+        } else {
+            (text, 10)
+        };
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return None;
     }

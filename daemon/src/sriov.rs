@@ -316,14 +316,15 @@ impl Manager {
         if assign {
             self.binder.ensure_vfio_loaded()?;
         }
-        let autoprobe_off = assign && intent.previous_autoprobe;
+        // Only new VFs can be probed: no VFs created, nothing to keep from the host driver.
+        let autoprobe_off = assign && resize && intent.previous_autoprobe;
         if autoprobe_off {
             self.set_autoprobe(pf, false)?;
         }
         let mut bound = Vec::new();
         let result = self.make_vfs_steps(intent, resize, &mut bound);
         let result = match result {
-            Ok(()) => Ok(()),
+            Ok(vfs) => Ok(vfs),
             Err(e) => {
                 let count_back = if resize {
                     Some(intent.previous_count)
@@ -349,7 +350,20 @@ impl Manager {
                 restored?;
             }
         }
-        result
+        let vfs = result?;
+        if autoprobe_off {
+            // VFs left out of the assignment get what autoprobe would have given them.
+            for (index, a) in vfs.iter().enumerate() {
+                let wanted = u32::try_from(index).is_ok_and(|i| intent.assign.contains(&i));
+                if !wanted
+                    && self.binder.current_driver(*a)?.is_none()
+                    && let Err(e) = self.binder.restore(*a, None)
+                {
+                    warn!(device = %a, error = %e, "could not probe a host driver for a VF");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn make_vfs_steps(
@@ -357,7 +371,7 @@ impl Manager {
         intent: &VfIntent,
         resize: bool,
         bound: &mut Vec<PciAddress>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<PciAddress>, Error> {
         let pf = intent.pf;
         let count = intent.count;
         if resize {
@@ -378,7 +392,9 @@ impl Manager {
             let Some(&address) = vfs.get(index as usize) else {
                 continue;
             };
-            let f = inventory.function(address).ok_or(Error::NoSuchDevice(address))?;
+            let f = inventory
+                .function(address)
+                .ok_or(Error::NoSuchDevice(address))?;
             if f.driver.as_deref() == Some(VFIO_PCI) {
                 continue;
             }
@@ -387,7 +403,7 @@ impl Manager {
                 .map_err(|e| annotate(e, &format!(" (binding VF {index} of {pf})")))?;
             bound.push(address);
         }
-        Ok(())
+        Ok(vfs)
     }
 
     /// Waits (bounded) until `virtfn0..count` resolve to VFs whose directories exist.
@@ -567,15 +583,13 @@ impl Manager {
                 let assign: BTreeSet<u32> = vf.assign.iter().copied().collect();
                 let done = self.vf_create_inner(&caller, pf, vf.count, &assign, true);
                 // A crash after autoprobe went to 0 left it there: put the admin's value back.
-                let probe = self
-                    .autoprobe_now(pf)
-                    .and_then(|now| {
-                        if now == vf.previous_autoprobe {
-                            Ok(())
-                        } else {
-                            self.set_autoprobe(pf, vf.previous_autoprobe)
-                        }
-                    });
+                let probe = self.autoprobe_now(pf).and_then(|now| {
+                    if now == vf.previous_autoprobe {
+                        Ok(())
+                    } else {
+                        self.set_autoprobe(pf, vf.previous_autoprobe)
+                    }
+                });
                 match done.and_then(|list| probe.map(|()| list)) {
                     Ok(list) => Ok(format!(
                         "{pf}: interrupted vf create finished ({} VFs, {} on vfio-pci)",
@@ -583,12 +597,8 @@ impl Manager {
                         assign.len()
                     )),
                     Err(e) => {
-                        let _ = self.undo_vfs(
-                            pf,
-                            &[],
-                            Some(vf.previous_count),
-                            vf.previous_autoprobe,
-                        );
+                        let _ =
+                            self.undo_vfs(pf, &[], Some(vf.previous_count), vf.previous_autoprobe);
                         Err(format!("{pf}: interrupted vf create undone: {e}"))
                     }
                 }
@@ -608,7 +618,9 @@ impl Manager {
                 let vfs = inventory.vfs_of(pf);
                 match self.remove_vfs(pf, &vfs) {
                     Ok(_) => Ok(format!("{pf}: interrupted vf destroy finished")),
-                    Err(e) => Err(format!("{pf}: finishing an interrupted vf destroy failed: {e}")),
+                    Err(e) => Err(format!(
+                        "{pf}: finishing an interrupted vf destroy failed: {e}"
+                    )),
                 }
             }
             (op, _) => Err(format!("{pf}: a {op:?} journal with VF details; ignored")),
@@ -659,7 +671,10 @@ impl Manager {
                         identity: entry.identity.0,
                         previous_driver: None,
                         persistent: true,
-                        refused: Some(format!("persisted {} VFs not recreated: {why}", entry.count)),
+                        refused: Some(format!(
+                            "persisted {} VFs not recreated: {why}",
+                            entry.count
+                        )),
                     });
                     report.refused.push((pf, why));
                 }

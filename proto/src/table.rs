@@ -147,7 +147,8 @@ pub fn vfs(vfs: &[crate::VfInfo]) -> String {
             v.index,
             v.address.to_string(),
             v.driver.as_deref().unwrap_or("(none)"),
-            v.iommu_group.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            v.iommu_group
+                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
             if v.assigned { "yes" } else { "no" },
             v.in_use_by.as_deref().unwrap_or("-")
         );

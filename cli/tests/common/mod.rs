@@ -216,19 +216,15 @@ impl Engine for ScriptedEngine {
         assign: bool,
         runtime: bool,
     ) -> Result<Vec<VfInfo>, Error> {
-        self.calls.lock().unwrap().push(Call::VfCreate(
-            caller.clone(),
-            pf,
-            count,
-            assign,
-            runtime,
-        ));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::VfCreate(caller.clone(), pf, count, assign, runtime));
         self.answer(&[pf], true)?;
         Ok((0..count)
             .map(|index| VfInfo {
                 index,
-                address: PciAddress::new(0, 0x10, index as u8 / 4, (index % 4 * 2) as u8)
-                    .unwrap(),
+                address: PciAddress::new(0, 0x10, index as u8 / 4, (index % 4 * 2) as u8).unwrap(),
                 driver: assign.then(|| "vfio-pci".to_owned()),
                 iommu_group: Some(100 + index),
                 assigned: assign,
@@ -252,7 +248,9 @@ impl Engine for ScriptedEngine {
         let inventory = self.inventory()?;
         let f = inventory.function(pf).ok_or(Error::NoSuchDevice(pf))?;
         if f.sriov.is_none() {
-            return Err(Error::InvalidArgument(format!("{pf} is not SR-IOV capable")));
+            return Err(Error::InvalidArgument(format!(
+                "{pf} is not SR-IOV capable"
+            )));
         }
         Ok(inventory
             .vfs_of(pf)
