@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh
+VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/bench-sriov.sh
 
 .PHONY: demo test setup build lint unit vm bench capture
 
