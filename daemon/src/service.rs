@@ -256,6 +256,7 @@ impl ManagerObject {
         conn: &Connection,
         what: &'static str,
         pf: PciAddress,
+        count_of: fn(&T) -> u32,
         work: F,
     ) -> Reply<T>
     where
@@ -265,13 +266,7 @@ impl ManagerObject {
         let engine = Arc::clone(&self.engine);
         let task = tokio::task::spawn_blocking(move || {
             let result = work(&*engine);
-            let count = result.as_ref().ok().map(|_| {
-                engine
-                    .inventory()
-                    .ok()
-                    .and_then(|i| i.function(pf).and_then(|f| f.sriov).map(|s| s.num_vfs))
-                    .unwrap_or(0)
-            });
+            let count = result.as_ref().ok().map(count_of);
             (result, count)
         });
         let conn = conn.clone();
@@ -302,6 +297,12 @@ impl ManagerObject {
             )))),
         }
     }
+}
+
+/// How many VFs a create left: every VF it returns.
+#[allow(clippy::ptr_arg)] // a `fn(&T)` with T = Vec<VfInfo>
+fn vf_count(vfs: &Vec<VfInfo>) -> u32 {
+    u32::try_from(vfs.len()).unwrap_or(u32::MAX)
 }
 
 fn parse_pf(text: &str) -> Result<PciAddress, proto_dbus::Error> {
@@ -472,7 +473,7 @@ impl ManagerObject {
             .map_err(|e| to_dbus(&e))?;
         info!(uid = caller.uid, sender = %caller.bus_name, %pf, count, assign, runtime, "vf create");
         let vfs = self
-            .mutate_vfs(conn, "vf create", pf, move |engine| {
+            .mutate_vfs(conn, "vf create", pf, vf_count, move |engine| {
                 engine.vf_create(&caller, pf, count, assign, runtime)
             })
             .await?;
@@ -496,9 +497,13 @@ impl ManagerObject {
             .map_err(|e| to_dbus(&e))?;
         info!(uid = caller.uid, sender = %caller.bus_name, %pf, force, "vf destroy");
         let changes = self
-            .mutate_vfs(conn, "vf destroy", pf, move |engine| {
-                engine.vf_destroy(&caller, pf, force)
-            })
+            .mutate_vfs(
+                conn,
+                "vf destroy",
+                pf,
+                |_| 0,
+                move |engine| engine.vf_destroy(&caller, pf, force),
+            )
             .await?;
         Ok(changes.iter().map(ChangeWire::from).collect())
     }

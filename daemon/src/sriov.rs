@@ -107,10 +107,19 @@ impl Manager {
         let vfs = inventory.vfs_of(pf);
         let snapshot =
             HostSnapshot::gather(&self.config.root, &vfs, self.options.addresses.as_ref());
+        Ok(self.describe_vfs(pf, &vfs, Some(&snapshot)))
+    }
+
+    /// The VFs as `vf list` shows them; without a snapshot nobody holds them (just created).
+    fn describe_vfs(
+        &self,
+        pf: PciAddress,
+        vfs: &[&PciFunction],
+        snapshot: Option<&HostSnapshot>,
+    ) -> Vec<VfInfo> {
         let records = lock(&self.records);
         let ours = lock(&self.vfs).get(&pf).cloned();
-        Ok(vfs
-            .iter()
+        vfs.iter()
             .filter_map(|f| {
                 let index = f.vf_of?.index;
                 let on_vfio = f.driver.as_deref() == Some(VFIO_PCI);
@@ -122,10 +131,10 @@ impl Manager {
                     driver: f.driver.clone(),
                     iommu_group: f.iommu_group,
                     assigned,
-                    in_use_by: snapshot.in_use_by(f),
+                    in_use_by: snapshot.and_then(|s| s.in_use_by(f)),
                 })
             })
-            .collect())
+            .collect()
     }
 
     fn pf_attr(&self, pf: PciAddress, attr: &'static str) -> Result<Option<String>, Error> {
@@ -278,10 +287,13 @@ impl Manager {
             &self.config.state_dir,
             &Intent::for_vfs(Operation::VfCreate, persistent, intent.clone()),
         )?;
-        if let Err(e) = self.make_vfs(&intent, resize) {
-            journal.finish()?;
-            return Err(e);
-        }
+        let vfs = match self.make_vfs(&intent, resize) {
+            Ok(vfs) => vfs,
+            Err(e) => {
+                journal.finish()?;
+                return Err(e);
+            }
+        };
         let record = VfRecord {
             identity: identity_of(f),
             count,
@@ -305,12 +317,20 @@ impl Manager {
         journal.finish()?;
         info!(uid = caller.uid, caller = %caller.bus_name, pf = %pf, count,
             assigned = assigned.len(), persistent, "VFs created");
-        self.vf_list(pf)
+        let refs: Vec<&PciFunction> = vfs.iter().collect();
+        if resize {
+            // New VFs: nobody can hold them yet, so no /proc scan.
+            Ok(self.describe_vfs(pf, &refs, None))
+        } else {
+            let snapshot =
+                HostSnapshot::gather(&self.config.root, &refs, self.options.addresses.as_ref());
+            Ok(self.describe_vfs(pf, &refs, Some(&snapshot)))
+        }
     }
 
     /// The sysfs part of create, all or nothing: on failure the VFs bound so far are released,
     /// the count is back to `previous_count` and autoprobe to what it was.
-    fn make_vfs(&self, intent: &VfIntent, resize: bool) -> Result<(), Error> {
+    fn make_vfs(&self, intent: &VfIntent, resize: bool) -> Result<Vec<PciFunction>, Error> {
         let pf = intent.pf;
         let assign = !intent.assign.is_empty();
         if assign {
@@ -350,20 +370,21 @@ impl Manager {
                 restored?;
             }
         }
-        let vfs = result?;
+        let mut vfs = result?;
         if autoprobe_off {
             // VFs left out of the assignment get what autoprobe would have given them.
-            for (index, a) in vfs.iter().enumerate() {
+            for (index, f) in vfs.iter_mut().enumerate() {
                 let wanted = u32::try_from(index).is_ok_and(|i| intent.assign.contains(&i));
-                if !wanted
-                    && self.binder.current_driver(*a)?.is_none()
-                    && let Err(e) = self.binder.restore(*a, None)
-                {
-                    warn!(device = %a, error = %e, "could not probe a host driver for a VF");
+                if !wanted && f.driver.is_none() {
+                    match self.binder.restore(f.address, None) {
+                        Ok(now) => f.driver = now,
+                        Err(e) => warn!(device = %f.address, error = %e,
+                            "could not probe a host driver for a VF"),
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(vfs)
     }
 
     fn make_vfs_steps(
@@ -371,7 +392,7 @@ impl Manager {
         intent: &VfIntent,
         resize: bool,
         bound: &mut Vec<PciAddress>,
-    ) -> Result<Vec<PciAddress>, Error> {
+    ) -> Result<Vec<PciFunction>, Error> {
         let pf = intent.pf;
         let count = intent.count;
         if resize {
@@ -386,22 +407,30 @@ impl Manager {
                 )));
             }
         }
-        let vfs = self.wait_for_vfs(pf, count)?;
+        let addresses = self.wait_for_vfs(pf, count)?;
         let inventory = self.inventory()?;
+        let mut vfs = addresses
+            .iter()
+            .map(|a| {
+                inventory
+                    .function(*a)
+                    .cloned()
+                    .ok_or(Error::NoSuchDevice(*a))
+            })
+            .collect::<Result<Vec<PciFunction>, Error>>()?;
         for &index in &intent.assign {
-            let Some(&address) = vfs.get(index as usize) else {
+            let Some(f) = vfs.get_mut(index as usize) else {
                 continue;
             };
-            let f = inventory
-                .function(address)
-                .ok_or(Error::NoSuchDevice(address))?;
             if f.driver.as_deref() == Some(VFIO_PCI) {
                 continue;
             }
-            self.binder
+            let change = self
+                .binder
                 .bind_vfio(f)
                 .map_err(|e| annotate(e, &format!(" (binding VF {index} of {pf})")))?;
-            bound.push(address);
+            bound.push(f.address);
+            f.driver = change.new_driver;
         }
         Ok(vfs)
     }
