@@ -290,6 +290,16 @@ impl Manager {
         let vfs = match self.make_vfs(&intent, resize) {
             Ok(vfs) => vfs,
             Err(e) => {
+                let put_back = (!resize || self.num_vfs_now(pf).ok() == Some(previous_count))
+                    && self.autoprobe_now(pf).ok() == Some(intent.previous_autoprobe);
+                if !put_back {
+                    // The rollback did not finish: the next start rolls back (a runtime
+                    // create's recovery) instead of finishing the create.
+                    JournalEntry::begin(
+                        &self.config.state_dir,
+                        &Intent::for_vfs(Operation::VfCreate, false, intent.clone()),
+                    )?;
+                }
                 journal.finish()?;
                 return Err(e);
             }
