@@ -15,7 +15,9 @@ P="$SYS/$pf"
 modprobe igbvf
 modprobe vfio-pci
 start_system_bus
-check daemon-starts start_daemon
+# Started in this shell, not inside `check` (a subshell), so stop_daemon knows its pid.
+start_daemon
+check daemon-starts "$CTL" status
 
 vfs() { local i; for i in 0 1 2 3 4 5 6; do basename "$(readlink "$P/virtfn$i")"; done; }
 all_on_vfio() {

@@ -17,7 +17,9 @@ expect_eq pf-autoprobe-on "$(cat "$SYS/$pf/sriov_drivers_autoprobe")" 1
 dmesg_before="$(dmesg | wc -l)"
 
 start_system_bus
-check daemon-starts start_daemon
+# Started in this shell, not inside `check` (a subshell), so stop_daemon knows its pid.
+start_daemon
+check daemon-starts "$CTL" status
 
 vfs_of() { local i; for ((i = 0; i < $1; i++)); do basename "$(readlink "$SYS/$pf/virtfn$i")"; done; }
 drivers_of() { local a; for a in $(vfs_of "$1"); do driver_of "$a"; done | sort | uniq -c | tr -s ' ' | sed 's/^ //' | tr '\n' ' ' | sed 's/ $//'; }
@@ -76,7 +78,10 @@ echo 0 > "$SYS/$pf/sriov_numvfs"
 expect_eq reboot-removed-vfs "$(cat "$SYS/$pf/sriov_numvfs")" 0
 check state-records-vfs grep -q '^\[\[vfs\]\]' "$STATE_DIR/state.toml"
 check state-has-no-vf-addresses sh -c "! grep -q '$vf0' '$STATE_DIR/state.toml'"
-check daemon-restarts start_daemon
+check old-daemon-gone wait_for "! kill -0 $DAEMON_PID 2>/dev/null" 10
+start_daemon
+check daemon-restarts "$CTL" status
+check restarted-daemon-is-new sh -c "grep -c 'serving org.passthroughd' '$PT_OUT/daemon.log' | grep -qx 2"
 expect_eq restart-recreated "$(cat "$SYS/$pf/sriov_numvfs")" 7
 expect_eq restart-same-indexes-on-vfio "$(drivers_of 7)" "7 vfio-pci"
 exit_is restart-list 0 "$CTL" --json vf list "$pf"
