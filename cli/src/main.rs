@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
 use passthroughd_proto::wire::WireError;
 use passthroughd_proto::{
-    Change, HostReport, IommuGroup, PciAddress, PciFunction, Status, host, table,
+    Change, HostReport, IommuGroup, PciAddress, PciFunction, Status, VfInfo, host, table,
 };
 use serde::Serialize;
 use zbus::proxy::CacheProperties;
@@ -70,6 +70,11 @@ enum Command {
         #[arg(long)]
         runtime: bool,
     },
+    /// SR-IOV virtual functions of a PF: create, destroy, list.
+    Vf {
+        #[command(subcommand)]
+        command: VfCommand,
+    },
     /// Daemon version, uptime, assignments and recent errors.
     Status,
     /// Host capability report: VT-x/AMD-V, KVM, IOMMU, interrupt remapping, VFIO, kernel config,
@@ -82,6 +87,38 @@ enum Command {
     /// Exit status 0 means the report was produced, whatever it says: a host that is not ready
     /// for passthrough is a result, not a failure. Scripts read `.overall.ready` from --json.
     Host,
+}
+
+#[derive(Debug, Subcommand)]
+enum VfCommand {
+    /// Create N VFs on a PF (persisted unless --runtime); an existing other count goes through 0.
+    Create {
+        /// The physical function, DDDD:BB:DD.F or BB:DD.F
+        #[arg(value_name = "PF")]
+        pf: String,
+        /// How many VFs (1 to the PF's sriov_totalvfs).
+        #[arg(long, value_name = "N", required = true)]
+        count: u32,
+        /// Bind every new VF to vfio-pci; no host VF driver ever probes them.
+        #[arg(long)]
+        assign: bool,
+        /// Do not persist: the VFs are gone at reboot.
+        #[arg(long)]
+        runtime: bool,
+    },
+    /// Remove every VF of a PF (refused while a VM holds one).
+    Destroy {
+        #[arg(value_name = "PF")]
+        pf: String,
+        /// Also remove persistently assigned VFs (never ones in use).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every VF of a PF: index, address, driver, group, assignment, in-use holder.
+    List {
+        #[arg(value_name = "PF")]
+        pf: String,
+    },
 }
 
 /// A failure: what we were doing, why, an optional hint, and the exit code.
@@ -250,6 +287,10 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Assign { addresses, .. } | Command::Release { addresses, .. } => {
             parse_addresses(addresses)?
         }
+        Command::Vf {
+            command:
+                VfCommand::Create { pf, .. } | VfCommand::Destroy { pf, .. } | VfCommand::List { pf },
+        } => parse_addresses(std::slice::from_ref(pf))?,
         _ => Vec::new(),
     };
     let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
@@ -313,6 +354,49 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     .map_err(|e| Failure::from_dbus(&what, &e))?,
             )?;
             render(json, changes.as_slice(), table::changes)
+        }
+        Command::Vf { command } => {
+            let pf = refs.first().copied().unwrap_or_default();
+            match command {
+                VfCommand::Create {
+                    count,
+                    assign,
+                    runtime,
+                    ..
+                } => {
+                    let what = format!("vf create {pf}");
+                    let vfs = convert::<VfInfo, _>(
+                        &what,
+                        proxy
+                            .vf_create(pf, *count, *assign, *runtime)
+                            .await
+                            .map_err(|e| Failure::from_dbus(&what, &e))?,
+                    )?;
+                    render(json, vfs.as_slice(), table::vfs)
+                }
+                VfCommand::Destroy { force, .. } => {
+                    let what = format!("vf destroy {pf}");
+                    let changes = convert::<Change, _>(
+                        &what,
+                        proxy
+                            .vf_destroy(pf, *force)
+                            .await
+                            .map_err(|e| Failure::from_dbus(&what, &e))?,
+                    )?;
+                    render(json, changes.as_slice(), table::changes)
+                }
+                VfCommand::List { .. } => {
+                    let what = format!("vf list {pf}");
+                    let vfs = convert::<VfInfo, _>(
+                        &what,
+                        proxy
+                            .vf_list(pf)
+                            .await
+                            .map_err(|e| Failure::from_dbus(&what, &e))?,
+                    )?;
+                    render(json, vfs.as_slice(), table::vfs)
+                }
+            }
         }
         Command::Status => {
             let what = "reading the status";

@@ -151,10 +151,28 @@ const BAD_CLI_INPUTS: &[(&[&str], i32, &str)] = &[
     (&["frobnicate"], 2, "unrecognized subcommand 'frobnicate'"),
     (&["list", "--bogus"], 2, "unexpected argument '--bogus'"),
     (&["list", "extra"], 2, "unexpected argument 'extra'"),
+    (&["vf", "list"], 2, "PF"),
+    (&["vf", "create", "00:01.0"], 2, "--count"),
     (
-        &["vf", "list", "00:00.0"],
+        &["vf", "create", "00:01.0", "--count", "x"],
         2,
-        "unrecognized subcommand 'vf'",
+        "invalid value 'x'",
+    ),
+    (
+        &["vf", "create", "00:01.0", "--count", "-1"],
+        2,
+        "unexpected argument '-1'",
+    ),
+    (&["vf", "create", "../x", "--count", "1"], 2, "contains '/'"),
+    (
+        &["vf", "destroy", "00:01.0", "--runtime"],
+        2,
+        "unexpected argument '--runtime'",
+    ),
+    (
+        &["vf", "frob", "00:01.0"],
+        2,
+        "unrecognized subcommand 'frob'",
     ),
     (&[], 2, "requires a subcommand"),
 ];
@@ -180,6 +198,105 @@ fn bad_cli_inputs_get_their_exit_code_and_one_line_and_change_nothing() {
     }
     assert!(h.engine.calls().is_empty(), "{:?}", h.engine.calls());
     assert_eq!(h.inventory().functions, before.functions);
+}
+
+#[test]
+fn vf_commands_reach_the_engine_and_print_tables_or_json() {
+    let h = Harness::start();
+    let inventory = h.inventory();
+    let pf = inventory
+        .functions
+        .iter()
+        .find(|f| f.sriov.is_some_and(|s| s.num_vfs > 0))
+        .unwrap()
+        .address;
+    let short = format!("{:02x}:{:02x}.{}", pf.bus(), pf.device(), pf.function());
+    let o = h.ctl(&["vf", "create", &short, "--count", "3", "--assign"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("INDEX"), "{out}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.contains("vfio-pci"), "{out}");
+    let o = h.ctl(&[
+        "--json",
+        "vf",
+        "create",
+        &short,
+        "--count",
+        "2",
+        "--runtime",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let doc = json(&o);
+    assert_eq!(doc.as_array().unwrap().len(), 2);
+    assert_eq!(doc[1]["index"], 1);
+    assert_eq!(doc[1]["assigned"], false);
+    let o = h.ctl(&["--json", "vf", "destroy", &short, "--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)[0]["address"], pf.to_string());
+    let calls = h.engine.calls();
+    assert!(matches!(&calls[0], Call::VfCreate(c, p, 3, true, false) if c.uid == 0 && *p == pf));
+    assert!(matches!(&calls[1], Call::VfCreate(_, p, 2, false, true) if *p == pf));
+    assert!(matches!(&calls[2], Call::VfDestroy(_, p, true) if *p == pf));
+
+    // vf list: real inventory reads.
+    let o = h.ctl(&["--json", "vf", "list", &pf.to_string()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let vfs = inventory.vfs_of(pf);
+    let doc = json(&o);
+    assert_eq!(doc.as_array().unwrap().len(), vfs.len());
+    assert_eq!(doc[0]["address"], vfs[0].address.to_string());
+    let o = h.ctl(&["vf", "list", &pf.to_string()]);
+    assert_eq!(stdout(&o).lines().count(), vfs.len() + 1);
+    // A function without SR-IOV: InvalidArgument (2); none at all: NotFound (4).
+    let plain = inventory
+        .functions
+        .iter()
+        .find(|f| f.sriov.is_none() && f.vf_of.is_none())
+        .unwrap()
+        .address
+        .to_string();
+    let o = h.ctl(&["vf", "list", &plain]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not SR-IOV capable"));
+    let o = h.ctl(&["--json", "vf", "list", "ff:1f.7"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(json(&o)["error"]["exit_code"], 4);
+
+    // Engine errors: exit codes as for assign.
+    for (script, code) in [
+        (Script::Busy, 5),
+        (Script::Refused, 5),
+        (Script::NotFound, 4),
+        (Script::Failed, 1),
+    ] {
+        *h.engine.script.lock().unwrap() = script.clone();
+        for args in [
+            &["vf", "create", &short, "--count", "1"][..],
+            &["vf", "destroy", &short],
+        ] {
+            let o = h.ctl(args);
+            assert_eq!(
+                o.status.code(),
+                Some(code),
+                "{script:?} {args:?}: {}",
+                stderr(&o)
+            );
+            assert_eq!(stderr(&o).lines().count(), 1);
+            assert!(stderr(&o).starts_with(&format!("passthroughctl: vf {}", args[1])));
+        }
+    }
+    // Mutations need root or polkit.
+    *h.engine.script.lock().unwrap() = Script::Succeed;
+    let calls = h.engine.calls().len();
+    let o = h.ctl_as_nobody(&["vf", "create", &short, "--count", "1"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let o = h.ctl_as_nobody(&["vf", "destroy", &short]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(h.engine.calls().len(), calls);
+    // Reads do not.
+    let o = h.ctl_as_nobody(&["vf", "list", &short]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
 #[test]

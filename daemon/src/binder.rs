@@ -99,6 +99,28 @@ impl Binder {
         }
     }
 
+    /// Writes `value` to one of the function's own attributes (`sriov_numvfs`,
+    /// `sriov_drivers_autoprobe`), with the time limit.
+    pub fn write_attr(
+        &self,
+        address: PciAddress,
+        attr: &'static str,
+        value: String,
+    ) -> Result<(), Error> {
+        self.write(self.root.pci_device_attr(address, attr), value)
+    }
+
+    /// Takes `address` off its driver without probing another: clears the override, unbinds.
+    /// Used before its VF disappears. Returns the driver it had.
+    pub fn detach(&self, address: PciAddress) -> Result<Option<String>, Error> {
+        let old = self.current_driver(address)?;
+        self.set_override(address, "\n")?;
+        if old.is_some() {
+            self.unbind(address)?;
+        }
+        Ok(old)
+    }
+
     fn set_override(&self, address: PciAddress, value: &str) -> Result<(), Error> {
         self.write(
             self.root.pci_device_attr(address, "driver_override"),

@@ -395,7 +395,23 @@ impl HostSnapshot {
     }
 
     /// In use by a VMM: its group node or its VFIO device node is open somewhere.
+    /// The process holding the function's VFIO group or device open, as "comm (pid N)".
+    pub fn in_use_by(&self, function: &PciFunction) -> Option<String> {
+        self.holder(function)
+            .map(|f| format!("{} (pid {})", f.comm, f.pid))
+    }
+
     fn rule_in_use(&self, function: &PciFunction) -> Option<Finding> {
+        self.holder(function).map(|f| Finding {
+            severity: Severity::Busy,
+            reason: format!(
+                "it is in use by {} (pid {}) through {}; stop that VM or process first",
+                f.comm, f.pid, f.target
+            ),
+        })
+    }
+
+    fn holder(&self, function: &PciFunction) -> Option<&OpenFile> {
         let mut nodes = Vec::new();
         if let Some(group) = function.iommu_group {
             nodes.push(format!("/dev/vfio/{group}"));
@@ -403,16 +419,7 @@ impl HostSnapshot {
         for dev in self.vfio_devs.get(&function.address).into_iter().flatten() {
             nodes.push(format!("/dev/vfio/devices/{dev}"));
         }
-        self.open_files
-            .iter()
-            .find(|f| nodes.contains(&f.target))
-            .map(|f| Finding {
-                severity: Severity::Busy,
-                reason: format!(
-                    "it is in use by {} (pid {}) through {}; stop that VM or process first",
-                    f.comm, f.pid, f.target
-                ),
-            })
+        self.open_files.iter().find(|f| nodes.contains(&f.target))
     }
 }
 

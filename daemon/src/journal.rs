@@ -25,6 +25,28 @@ const SUFFIX: &str = ".toml";
 pub enum Operation {
     Assign,
     Release,
+    /// `vf create`: [`Intent::vf`] says what.
+    #[serde(rename = "vf-create")]
+    VfCreate,
+    /// `vf destroy`: [`Intent::vf`] says what.
+    #[serde(rename = "vf-destroy")]
+    VfDestroy,
+}
+
+/// What a VF operation is about to do to a PF, and what to put back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfIntent {
+    pub pf: PciAddress,
+    #[serde(flatten)]
+    pub identity: StoredIdentity,
+    /// The count asked for (0 for destroy).
+    pub count: u32,
+    /// VF indexes that go to vfio-pci.
+    #[serde(default)]
+    pub assign: Vec<u32>,
+    /// `sriov_numvfs` and `sriov_drivers_autoprobe` before the operation.
+    pub previous_count: u32,
+    pub previous_autoprobe: bool,
 }
 
 /// One function an operation moves.
@@ -45,8 +67,10 @@ pub struct Intent {
     pub operation: Operation,
     /// Assign: the result goes into state.toml. Release: it comes out of state.toml.
     pub persistent: bool,
-    #[serde(rename = "function")]
+    #[serde(default, rename = "function")]
     pub functions: Vec<IntentFunction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf: Option<VfIntent>,
 }
 
 impl Intent {
@@ -56,6 +80,18 @@ impl Intent {
             operation,
             persistent,
             functions,
+            vf: None,
+        }
+    }
+
+    /// A VF operation on one PF.
+    pub fn for_vfs(operation: Operation, persistent: bool, vf: VfIntent) -> Self {
+        Self {
+            version: VERSION,
+            operation,
+            persistent,
+            functions: Vec::new(),
+            vf: Some(vf),
         }
     }
 }

@@ -27,6 +27,10 @@ use crate::kernel::Kernel;
 use crate::state::{State, StoredAssignment, StoredIdentity};
 use crate::{Inventory, PciIds, SysfsRoot};
 
+#[path = "sriov.rs"]
+mod sriov;
+pub use sriov::DEFAULT_VF_WAIT;
+
 /// Who asked, for the log line every mutation writes (authorization happens before this).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -60,6 +64,8 @@ pub struct StartupReport {
     pub recovered: Vec<String>,
     pub applied: Vec<PciAddress>,
     pub refused: Vec<(PciAddress, String)>,
+    /// PFs whose persisted VFs were recreated.
+    pub vfs: Vec<PciAddress>,
 }
 
 /// Tunables and seams beyond [`ManagerConfig`], with defaults from [`EngineOptions::for_root`].
@@ -71,6 +77,8 @@ pub struct EngineOptions {
     pub write_timeout: Duration,
     /// How long a request waits for another request on the same IOMMU group before Busy.
     pub group_wait: Duration,
+    /// How long `vf create` waits for new VFs to appear.
+    pub vf_wait: Duration,
 }
 
 impl EngineOptions {
@@ -86,6 +94,7 @@ impl EngineOptions {
             addresses,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             group_wait: DEFAULT_GROUP_WAIT,
+            vf_wait: DEFAULT_VF_WAIT,
         }
     }
 }
@@ -177,6 +186,8 @@ pub struct Manager {
     generation: AtomicU64,
     /// Set while something reports outside changes through [`Manager::invalidate_inventory`].
     cache_enabled: AtomicBool,
+    /// VFs the daemon created, by PF.
+    vfs: Mutex<BTreeMap<PciAddress, sriov::VfRecord>>,
 }
 
 /// How long a cached inventory may serve readers. Some changes made outside the daemon raise
@@ -243,9 +254,12 @@ impl Manager {
             cached: Mutex::new(None),
             generation: AtomicU64::new(0),
             cache_enabled: AtomicBool::new(false),
+            vfs: Mutex::new(BTreeMap::new()),
         };
         let mut report = StartupReport::default();
         manager.recover(&mut report)?;
+        // VFs first: an assignment of a VF needs the VF to exist.
+        manager.reapply_vfs(&mut report)?;
         manager.reapply(&mut report)?;
         Ok((manager, report))
     }
@@ -804,6 +818,11 @@ impl Manager {
                     continue;
                 }
             };
+            if let Some(vf) = &intent.vf {
+                let line = self.recover_vfs(&intent, vf);
+                info!(journal = entry.name(), "{line}");
+                report.recovered.push(line);
+            }
             let inventory = self.inventory()?;
             for f in &intent.functions {
                 let line = self.recover_function(&caller, &inventory, &intent, f);
@@ -875,6 +894,9 @@ impl Manager {
                     )),
                     Err(e) => Err(format!("{a}: finishing an interrupted release failed: {e}")),
                 }
+            }
+            (Operation::VfCreate | Operation::VfDestroy, _) => {
+                Err(format!("{a}: a VF journal naming a function; ignored"))
             }
         };
         match outcome {

@@ -10,8 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
-use passthroughd_proto::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire};
-use passthroughd_proto::{AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status};
+use passthroughd_proto::wire::{
+    ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
+};
+use passthroughd_proto::{
+    AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
+};
 use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
@@ -41,6 +45,21 @@ pub trait Engine: Send + Sync + 'static {
     fn status(&self) -> Result<Status, Error>;
     /// The host capability report of the root the engine reads.
     fn host_report(&self) -> Result<HostReport, Error>;
+    fn vf_create(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        count: u32,
+        assign: bool,
+        runtime: bool,
+    ) -> Result<Vec<VfInfo>, Error>;
+    fn vf_destroy(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        force: bool,
+    ) -> Result<Vec<Change>, Error>;
+    fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error>;
 }
 
 impl Engine for Manager {
@@ -68,6 +87,27 @@ impl Engine for Manager {
     }
     fn host_report(&self) -> Result<HostReport, Error> {
         Ok(Manager::host_report(self))
+    }
+    fn vf_create(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        count: u32,
+        assign: bool,
+        runtime: bool,
+    ) -> Result<Vec<VfInfo>, Error> {
+        Manager::vf_create(self, caller, pf, count, assign, runtime)
+    }
+    fn vf_destroy(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        force: bool,
+    ) -> Result<Vec<Change>, Error> {
+        Manager::vf_destroy(self, caller, pf, force)
+    }
+    fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error> {
+        Manager::vf_list(self, pf)
     }
 }
 
@@ -216,6 +256,68 @@ impl ManagerObject {
             )))),
         }
     }
+}
+
+impl ManagerObject {
+    /// A VF mutation: like [`Self::mutate`], but the signal is `VfsChanged(pf, count)`, with the
+    /// count read back from the kernel when the work is done.
+    async fn mutate_vfs<T, F>(
+        &self,
+        conn: &Connection,
+        what: &'static str,
+        pf: PciAddress,
+        count_of: fn(&T) -> u32,
+        work: F,
+    ) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Engine) -> Result<T, Error> + Send + 'static,
+    {
+        let engine = Arc::clone(&self.engine);
+        let task = tokio::task::spawn_blocking(move || {
+            let result = work(&*engine);
+            let count = result.as_ref().ok().map(count_of);
+            (result, count)
+        });
+        let conn = conn.clone();
+        let finished = tokio::spawn(async move {
+            let result = task.await;
+            if let Ok((Ok(_), Some(count))) = &result {
+                match SignalEmitter::new(&conn, PATH) {
+                    Ok(emitter) => {
+                        if let Err(e) =
+                            ManagerObject::vfs_changed(&emitter, &pf.to_string(), *count).await
+                        {
+                            warn!(%pf, %e, "cannot emit VfsChanged");
+                        }
+                    }
+                    Err(e) => warn!(%e, "cannot emit signals"),
+                }
+            }
+            result.map(|(r, _)| r)
+        });
+        match tokio::time::timeout(self.config.time_limit, finished).await {
+            Ok(Ok(Ok(Ok(value)))) => Ok(value),
+            Ok(Ok(Ok(Err(e)))) => Err(to_dbus(&e)),
+            Ok(Ok(Err(join)) | Err(join)) => Err(internal(what, &join)),
+            Err(_) => Err(to_dbus(&Error::Busy(format!(
+                "{what} did not finish within {} and goes on in the background; \
+                 a VM may hold a VF (see passthroughctl vf list)",
+                seconds(self.config.time_limit)
+            )))),
+        }
+    }
+}
+
+/// How many VFs a create left: every VF it returns.
+#[allow(clippy::ptr_arg)] // a `fn(&T)` with T = Vec<VfInfo>
+fn vf_count(vfs: &Vec<VfInfo>) -> u32 {
+    u32::try_from(vfs.len()).unwrap_or(u32::MAX)
+}
+
+fn parse_pf(text: &str) -> Result<PciAddress, proto_dbus::Error> {
+    text.parse()
+        .map_err(|e| to_dbus(&Error::InvalidArgument(format!("{e}"))))
 }
 
 /// "30 s", or "300 ms" for limits under a second.
@@ -369,6 +471,74 @@ impl ManagerObject {
         })
         .await
     }
+
+    /// Creates `count` VFs on `pf` (through 0 when it has another count); with `assign` they go
+    /// straight to vfio-pci without a host VF driver ever probing them. Returns the VFs.
+    async fn vf_create(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        pf: String,
+        count: u32,
+        assign: bool,
+        runtime: bool,
+    ) -> Result<Vec<VfWire>, proto_dbus::Error> {
+        let pf = parse_pf(&pf)?;
+        let caller = self
+            .config
+            .authorizer
+            .authorize(conn, header.sender())
+            .await
+            .map_err(|e| to_dbus(&e))?;
+        info!(uid = caller.uid, sender = %caller.bus_name, %pf, count, assign, runtime, "vf create");
+        let vfs = self
+            .mutate_vfs(conn, "vf create", pf, vf_count, move |engine| {
+                engine.vf_create(&caller, pf, count, assign, runtime)
+            })
+            .await?;
+        Ok(vfs.iter().map(VfWire::from).collect())
+    }
+
+    /// Removes every VF of `pf` (`force`: even persistently assigned ones; never in-use ones).
+    async fn vf_destroy(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        pf: String,
+        force: bool,
+    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+        let pf = parse_pf(&pf)?;
+        let caller = self
+            .config
+            .authorizer
+            .authorize(conn, header.sender())
+            .await
+            .map_err(|e| to_dbus(&e))?;
+        info!(uid = caller.uid, sender = %caller.bus_name, %pf, force, "vf destroy");
+        let changes = self
+            .mutate_vfs(
+                conn,
+                "vf destroy",
+                pf,
+                |_| 0,
+                move |engine| engine.vf_destroy(&caller, pf, force),
+            )
+            .await?;
+        Ok(changes.iter().map(ChangeWire::from).collect())
+    }
+
+    /// Every VF of `pf`: index, address, driver, group, assignment, in-use holder.
+    async fn vf_list(&self, pf: String) -> Result<Vec<VfWire>, proto_dbus::Error> {
+        let pf = parse_pf(&pf)?;
+        self.blocking("listing VFs", move |engine| {
+            Ok(engine.vf_list(pf)?.iter().map(VfWire::from).collect())
+        })
+        .await
+    }
+
+    /// The VFs of `pf` changed; `count` is how many it has now.
+    #[zbus(signal)]
+    async fn vfs_changed(emitter: &SignalEmitter<'_>, pf: &str, count: u32) -> zbus::Result<()>;
 
     /// A function's driver changed; an empty string means "no driver".
     #[zbus(signal)]

@@ -34,6 +34,43 @@ pub enum SimOp {
     Bind,
     /// A write of ADDR to `drivers_probe`.
     Probe,
+    /// A write to `devices/PF/sriov_numvfs`.
+    NumVfs,
+}
+
+/// How a simulated SR-IOV PF makes its VFs (see [`SimKernel::configure_sriov`]).
+#[derive(Debug, Clone)]
+pub struct SimSriov {
+    /// The PF driver that supports SR-IOV (`sriov_numvfs` answers ENOENT on any other).
+    pub pf_driver: String,
+    /// The host VF driver (`igbvf`); it binds new VFs only while autoprobe is 1.
+    pub vf_driver: String,
+    pub vf_device_id: u16,
+    /// Routing-id offset of VF 0 from the PF, and between VFs.
+    pub offset: u16,
+    pub stride: u16,
+    /// IOMMU group of VF 0; VF n gets `first_group + n`.
+    pub first_group: u32,
+    /// The driver enables at most this many VFs (fewer than asked).
+    pub limit: Option<u32>,
+    /// VFs do not appear (no `virtfnN`, no device) until [`SimKernel::show_vfs`].
+    pub hold: bool,
+}
+
+impl SimSriov {
+    /// igb-like: 82576 VFs (10ca) at offset 0x80, stride 2, bound by igbvf.
+    pub fn igb(first_group: u32) -> Self {
+        Self {
+            pf_driver: "igb".into(),
+            vf_driver: "igbvf".into(),
+            vf_device_id: 0x10ca,
+            offset: 0x80,
+            stride: 2,
+            first_group,
+            limit: None,
+            hold: false,
+        }
+    }
 }
 
 /// One write the engine made, path relative to the root, value as text.
@@ -57,6 +94,8 @@ pub struct SimDevice {
     pub group: Option<u32>,
     pub boot_vga: bool,
     pub sriov_numvfs: u32,
+    /// `sriov_totalvfs`; 0 with `sriov_numvfs` > 0 means 7.
+    pub sriov_totalvfs: u32,
     /// The function whose directory this one sits under (the bridge in front of it).
     pub parent: Option<PciAddress>,
 }
@@ -75,6 +114,7 @@ impl SimDevice {
             group: Some(group),
             boot_vga: false,
             sriov_numvfs: 0,
+            sriov_totalvfs: 0,
             parent: None,
         }
     }
@@ -90,6 +130,9 @@ struct SimState {
     probe_nothing: HashSet<PciAddress>,
     writes: Vec<SimWrite>,
     modules: Vec<String>,
+    sriov: HashMap<PciAddress, SimSriov>,
+    /// Every (function, driver) bind, in order: what ever bound what.
+    binds: Vec<(PciAddress, String)>,
 }
 
 /// The simulated kernel. Reads go to the tree directly; writes come through [`Kernel`].
@@ -193,6 +236,41 @@ impl SimKernel {
         self.state().probe_nothing.insert(address);
     }
 
+    /// Makes `pf` an SR-IOV PF whose driver can enable VFs as `sriov` says.
+    pub fn configure_sriov(&self, pf: PciAddress, sriov: SimSriov) {
+        self.state().sriov.insert(pf, sriov);
+    }
+
+    /// Lets held VFs of `pf` appear (see [`SimSriov::hold`]).
+    pub fn show_vfs(&self, pf: PciAddress) -> io::Result<()> {
+        let config = {
+            let mut state = self.state();
+            let Some(c) = state.sriov.get_mut(&pf) else {
+                return Ok(());
+            };
+            c.hold = false;
+            c.clone()
+        };
+        let n = self.num_vfs(pf);
+        self.create_vfs(pf, &config, n)
+    }
+
+    /// Every driver bound to `address` so far, in order (the device's driver history).
+    pub fn bind_history(&self, address: PciAddress) -> Vec<String> {
+        self.state()
+            .binds
+            .iter()
+            .filter(|(a, _)| *a == address)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    /// The address of VF `index` of `pf` as the PF's offset and stride place it.
+    pub fn vf_address(&self, pf: PciAddress, index: u32) -> Option<PciAddress> {
+        let config = self.state().sriov.get(&pf)?.clone();
+        vf_address(pf, &config, index)
+    }
+
     /// Every write so far, in order (failed ones included).
     pub fn writes(&self) -> Vec<SimWrite> {
         self.state().writes.clone()
@@ -260,8 +338,13 @@ impl SimKernel {
         if spec.class >> 16 == 0x03 {
             write("boot_vga", if spec.boot_vga { "1" } else { "0" }.into())?;
         }
-        if spec.sriov_numvfs > 0 {
-            write("sriov_totalvfs", "7".into())?;
+        if spec.sriov_numvfs > 0 || spec.sriov_totalvfs > 0 {
+            let total = if spec.sriov_totalvfs > 0 {
+                spec.sriov_totalvfs
+            } else {
+                7
+            };
+            write("sriov_totalvfs", total.to_string())?;
             write("sriov_numvfs", spec.sriov_numvfs.to_string())?;
             write("sriov_drivers_autoprobe", "1".into())?;
         }
@@ -295,6 +378,7 @@ impl SimKernel {
 
     /// Makes `address` bound to `driver`: both links and the uevent line.
     fn link_driver(&self, address: PciAddress, driver: &str) -> io::Result<()> {
+        self.state().binds.push((address, driver.to_owned()));
         let rel = self.device_rel(address)?;
         let dir = self.root.join("sys").join(&rel);
         let depth = rel.components().count();
@@ -444,6 +528,97 @@ impl SimKernel {
 
     // --- the kernel's side of writes ---
 
+    /// `sriov_numvfs`: kstrtou16 base 0, ERANGE above total, same value a no-op, ENOENT without
+    /// an SR-IOV-capable driver bound, EBUSY from one non-zero count to another.
+    fn store_numvfs(&self, pf: PciAddress, value: &[u8]) -> io::Result<()> {
+        let text = std::str::from_utf8(value).map_err(|_| errno(Errno::EINVAL))?;
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        let n = parse_kstrtou16(text).ok_or_else(|| errno(Errno::EINVAL))?;
+        let total = read_attr(&self.sysfs.pci_device_attr(pf, "sriov_totalvfs"))
+            .ok()
+            .flatten()
+            .and_then(|t| t.parse::<u32>().ok())
+            .ok_or_else(|| errno(Errno::ENOENT))?;
+        if n > total {
+            return Err(errno(Errno::ERANGE));
+        }
+        let current = self.num_vfs(pf);
+        if n == current {
+            return Ok(());
+        }
+        let config = self.state().sriov.get(&pf).cloned();
+        let driver = self.bound_to(pf);
+        let Some(config) = config.filter(|c| driver.as_deref() == Some(c.pf_driver.as_str()))
+        else {
+            return Err(errno(Errno::ENOENT));
+        };
+        if n == 0 {
+            for index in 0..current {
+                let link = self.sysfs.pci_device_dir(pf).join(format!("virtfn{index}"));
+                if let Ok(Some(vf)) = read_link_name(&link)
+                    && let Ok(vf) = vf.parse::<PciAddress>()
+                {
+                    let _ = self.remove_device(vf);
+                }
+                let _ = fs::remove_file(link);
+            }
+            return fs::write(self.sysfs.pci_device_attr(pf, "sriov_numvfs"), "0\n");
+        }
+        if current != 0 {
+            return Err(errno(Errno::EBUSY));
+        }
+        let n = config.limit.map_or(n, |l| n.min(l));
+        fs::write(
+            self.sysfs.pci_device_attr(pf, "sriov_numvfs"),
+            format!("{n}\n"),
+        )?;
+        if config.hold {
+            return Ok(());
+        }
+        self.create_vfs(pf, &config, n)
+    }
+
+    fn create_vfs(&self, pf: PciAddress, config: &SimSriov, n: u32) -> io::Result<()> {
+        let autoprobe = read_attr(&self.sysfs.pci_device_attr(pf, "sriov_drivers_autoprobe"))
+            .ok()
+            .flatten()
+            .as_deref()
+            != Some("0");
+        let parent = self
+            .device_rel(pf)?
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<PciAddress>().ok());
+        let class = self.class_of(pf);
+        for index in 0..n {
+            let address = vf_address(pf, config, index).ok_or_else(|| errno(Errno::ERANGE))?;
+            if self.exists(address) {
+                continue;
+            }
+            let mut spec = SimDevice::new(address, class, None, config.first_group + index);
+            spec.device_id = config.vf_device_id;
+            spec.parent = parent;
+            self.add_device(&spec)?;
+            self.set_native(address, &config.vf_driver);
+            let pf_dir = self.sysfs.pci_device_dir(pf);
+            symlink(
+                format!("../{address}"),
+                pf_dir.join(format!("virtfn{index}")),
+            )?;
+            symlink(
+                format!("../{pf}"),
+                self.sysfs.pci_device_dir(address).join("physfn"),
+            )?;
+            // udev loads the VF driver on the add event either way; it binds only with autoprobe.
+            self.add_driver(&config.vf_driver)?;
+            if autoprobe {
+                self.link_driver(address, &config.vf_driver)?;
+            }
+        }
+        Ok(())
+    }
+
     fn bound_to(&self, address: PciAddress) -> Option<String> {
         self.driver_of(address)
     }
@@ -569,6 +744,9 @@ impl SimKernel {
             ["sys", "bus", "pci", "devices", dev, "driver_override"] => {
                 dev.parse().ok().map(|a| (SimOp::Override, a))
             }
+            ["sys", "bus", "pci", "devices", dev, "sriov_numvfs"] => {
+                dev.parse().ok().map(|a| (SimOp::NumVfs, a))
+            }
             _ => None,
         })
     }
@@ -607,6 +785,40 @@ impl SimKernel {
                 }
                 self.store_override(address, value)
             }
+            ["sys", "bus", "pci", "devices", dev, "sriov_numvfs"] => {
+                let address: PciAddress = dev.parse().map_err(|_| errno(Errno::ENOENT))?;
+                if !self
+                    .sysfs
+                    .pci_device_attr(address, "sriov_numvfs")
+                    .is_file()
+                {
+                    return Err(errno(Errno::ENOENT));
+                }
+                self.store_numvfs(address, value)
+            }
+            [
+                "sys",
+                "bus",
+                "pci",
+                "devices",
+                dev,
+                "sriov_drivers_autoprobe",
+            ] => {
+                let address: PciAddress = dev.parse().map_err(|_| errno(Errno::ENOENT))?;
+                let path = self
+                    .sysfs
+                    .pci_device_attr(address, "sriov_drivers_autoprobe");
+                if !path.is_file() {
+                    return Err(errno(Errno::ENOENT));
+                }
+                let text = String::from_utf8_lossy(value);
+                let on = match text.trim_end_matches('\n') {
+                    "1" | "y" | "Y" | "on" => "1",
+                    "0" | "n" | "N" | "off" => "0",
+                    _ => return Err(errno(Errno::EINVAL)),
+                };
+                fs::write(path, format!("{on}\n"))
+            }
             _ => {
                 let path = self.root.join(rel);
                 if !path.is_file() {
@@ -616,6 +828,34 @@ impl SimKernel {
             }
         }
     }
+}
+
+/// `kstrtou16(text, 0)`: optional `+`, then `0x` hex, `0` octal or decimal, nothing else.
+fn parse_kstrtou16(text: &str) -> Option<u32> {
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let (digits, radix) =
+        if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            (hex, 16)
+        } else if text.len() > 1 && text.starts_with('0') {
+            (&text[1..], 8)
+        } else {
+            (text, 10)
+        };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u16::from_str_radix(digits, radix).ok().map(u32::from)
+}
+
+/// VF `index` of `pf`: routing id = PF's + offset + index × stride.
+fn vf_address(pf: PciAddress, config: &SimSriov, index: u32) -> Option<PciAddress> {
+    let rid = (u32::from(pf.bus()) << 8)
+        + (u32::from(pf.device()) << 3)
+        + u32::from(pf.function())
+        + u32::from(config.offset)
+        + index * u32::from(config.stride);
+    let bus = u8::try_from(rid >> 8).ok()?;
+    PciAddress::new(pf.domain(), bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8)
 }
 
 /// The address in a bind/unbind/probe write: the kernel takes the name up to a newline.

@@ -10,6 +10,15 @@
 //! subsystem_vendor_id = "8086"
 //! subsystem_device_id = "a03c"
 //! previous_driver = "igb"
+//!
+//! [[vfs]]
+//! pf = "0000:01:00.0"
+//! vendor_id = "8086"
+//! device_id = "10c9"
+//! subsystem_vendor_id = "8086"
+//! subsystem_device_id = "a03c"
+//! count = 4
+//! assigned = [0, 1, 2, 3]
 //! ```
 //!
 //! The daemon is the only writer. Every write is atomic (temp file in the same directory,
@@ -26,7 +35,22 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 
 pub const STATE_FILE: &str = "state.toml";
-pub const STATE_VERSION: i64 = 1;
+/// Version 2 added `[[vfs]]`; version 1 files (assignments only) are read as they are and
+/// written back as version 2. The bump keeps an older daemon from silently dropping VFs.
+pub const STATE_VERSION: i64 = 2;
+const READABLE_VERSIONS: &[i64] = &[1, 2];
+
+/// The VFs a persistent `vf create` made: recorded by the PF's address and identity, the count
+/// and the VF indexes on vfio-pci, never by the VFs' own addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVfs {
+    pub pf: PciAddress,
+    #[serde(flatten)]
+    pub identity: StoredIdentity,
+    pub count: u32,
+    #[serde(default)]
+    pub assigned: Vec<u32>,
+}
 
 /// One persistent assignment as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,12 +107,16 @@ struct StateFile {
     version: i64,
     #[serde(default, rename = "assignment")]
     assignments: Vec<StoredAssignment>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    vfs: Vec<StoredVfs>,
 }
 
 /// The persisted assignments, sorted by address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub assignments: Vec<StoredAssignment>,
+    /// Persistent VFs, sorted by PF address.
+    pub vfs: Vec<StoredVfs>,
 }
 
 impl State {
@@ -108,7 +136,7 @@ impl State {
         // Check the version before the schema: a newer layout must be named as such.
         let table: toml::Table = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
         match table.get("version").and_then(toml::Value::as_integer) {
-            Some(STATE_VERSION) => {}
+            Some(v) if READABLE_VERSIONS.contains(&v) => {}
             Some(v) => {
                 return Err(bad(format!(
                     "format version {v}, this passthroughd understands version \
@@ -120,7 +148,9 @@ impl State {
         let file: StateFile = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
         let mut assignments = file.assignments;
         assignments.sort_by_key(|a| a.address);
-        Ok(Self { assignments })
+        let mut vfs = file.vfs;
+        vfs.sort_by_key(|v| v.pf);
+        Ok(Self { assignments, vfs })
     }
 
     /// Writes `state.toml` atomically.
@@ -128,6 +158,7 @@ impl State {
         let file = StateFile {
             version: STATE_VERSION,
             assignments: self.assignments.clone(),
+            vfs: self.vfs.clone(),
         };
         let text = toml::to_string(&file)
             .map_err(|e| Error::Failed(format!("encoding {STATE_FILE}: {e}")))?;
@@ -148,6 +179,19 @@ impl State {
         self.assignments.retain(|a| a.address != entry.address);
         self.assignments.push(entry);
         self.assignments.sort_by_key(|a| a.address);
+    }
+
+    /// Adds or replaces the VF entry of its PF.
+    pub fn upsert_vfs(&mut self, entry: StoredVfs) {
+        self.vfs.retain(|v| v.pf != entry.pf);
+        self.vfs.push(entry);
+        self.vfs.sort_by_key(|v| v.pf);
+    }
+
+    pub fn remove_vfs(&mut self, pf: PciAddress) -> bool {
+        let before = self.vfs.len();
+        self.vfs.retain(|v| v.pf != pf);
+        before != self.vfs.len()
     }
 
     pub fn remove(&mut self, address: PciAddress) -> bool {
@@ -225,18 +269,40 @@ mod tests {
             .collect();
         assert_eq!(names, vec![STATE_FILE.to_owned()]);
         let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
-        assert!(text.starts_with("version = 1\n"), "{text}");
+        assert!(text.starts_with("version = 2\n"), "{text}");
         assert!(text.contains("vendor_id = \"8086\""), "{text}");
         assert!(text.contains("previous_driver = \"igb\""), "{text}");
+    }
+
+    #[test]
+    fn version_1_is_read_and_written_back_as_2_with_vfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = "version = 1\n\n[[assignment]]\naddress = \"0000:01:00.0\"\nvendor_id = \"8086\"\n\
+                  device_id = \"10c9\"\nsubsystem_vendor_id = \"8086\"\nsubsystem_device_id = \"a03c\"\n";
+        std::fs::write(State::path(dir.path()), v1).unwrap();
+        let mut state = State::load(dir.path()).unwrap();
+        assert_eq!(state.assignments.len(), 1);
+        assert!(state.vfs.is_empty());
+        state.upsert_vfs(StoredVfs {
+            pf: "0000:01:00.0".parse().unwrap(),
+            identity: entry("0000:01:00.0").identity,
+            count: 4,
+            assigned: vec![0, 2],
+        });
+        state.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
+        assert!(text.starts_with("version = 2\n"), "{text}");
+        assert!(text.contains("[[vfs]]"), "{text}");
+        assert_eq!(State::load(dir.path()).unwrap(), state);
     }
 
     #[test]
     fn unknown_versions_are_refused_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = State::path(dir.path());
-        std::fs::write(&path, "version = 2\n[[assignment]]\nwhatever = 1\n").unwrap();
+        std::fs::write(&path, "version = 3\n[[assignment]]\nwhatever = 1\n").unwrap();
         let err = State::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("version 2"), "{err}");
+        assert!(err.contains("version 3"), "{err}");
         assert!(!err.contains('\n'));
         std::fs::write(&path, "[[assignment]]\n").unwrap();
         assert!(

@@ -53,7 +53,7 @@ fn persistent_assignments_survive_restarts_with_their_identity() {
             .unwrap();
     }
     let text = host.state_text();
-    assert!(text.starts_with("version = 1"), "{text}");
+    assert!(text.starts_with("version = 2"), "{text}");
     for needle in [
         "address = \"0000:01:00.0\"",
         "vendor_id = \"8086\"",

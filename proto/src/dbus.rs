@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use zbus::DBusError;
 
-use crate::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire};
+use crate::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire};
 
 /// The daemon's well-known bus name.
 pub const SERVICE: &str = "org.passthroughd.Passthrough1";
@@ -58,6 +58,25 @@ pub trait Manager {
 
     /// The host capability report of the root the daemon reads (no authorization needed).
     fn host(&self) -> Result<HostReportWire, Error>;
+    /// Creates `count` VFs on `pf` (through 0 when it has another count); with `assign` they go
+    /// straight to vfio-pci without a host VF driver ever probing them. Returns the VFs.
+    fn vf_create(
+        &self,
+        pf: &str,
+        count: u32,
+        assign: bool,
+        runtime: bool,
+    ) -> Result<Vec<VfWire>, Error>;
+
+    /// Removes every VF of `pf` (`force`: even persistently assigned ones; never in-use ones).
+    fn vf_destroy(&self, pf: &str, force: bool) -> Result<Vec<ChangeWire>, Error>;
+
+    /// Every VF of `pf`: index, address, driver, group, assignment, in-use holder.
+    fn vf_list(&self, pf: &str) -> Result<Vec<VfWire>, Error>;
+
+    /// The VFs of `pf` changed; `count` is how many it has now.
+    #[zbus(signal)]
+    fn vfs_changed(&self, pf: &str, count: u32) -> zbus::Result<()>;
 
     /// A function's driver changed; an empty string means "no driver".
     #[zbus(signal)]

@@ -11,6 +11,6 @@ pub mod wire;
 
 pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
-pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status};
+pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status, VfInfo};
 pub mod host;
 pub use host::{Check, HostReport, Verdict};

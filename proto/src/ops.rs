@@ -63,3 +63,17 @@ pub struct Status {
     /// The most recent failures, newest last, one line each.
     pub last_errors: Vec<String>,
 }
+
+/// One virtual function of a PF, as `vf list` (and `vf create`) show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfInfo {
+    /// The `virtfnN` index: what persistence records, never the VF's own address.
+    pub index: u32,
+    pub address: PciAddress,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    /// Assigned by the daemon (through `vf create --assign` or `assign`).
+    pub assigned: bool,
+    /// The process holding its VFIO group or device open ("qemu (pid 4242)"), if any.
+    pub in_use_by: Option<String>,
+}

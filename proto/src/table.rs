@@ -128,6 +128,34 @@ pub fn changes(changes: &[Change]) -> String {
     out
 }
 
+/// The VFs of a PF: one line each, "index address driver group assigned holder".
+pub fn vfs(vfs: &[crate::VfInfo]) -> String {
+    let mut out = String::new();
+    if vfs.is_empty() {
+        out.push_str("no VFs\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<5} {:<14} {:<10} {:<5} {:<8} IN USE BY",
+        "INDEX", "ADDRESS", "DRIVER", "GROUP", "ASSIGNED"
+    );
+    for v in vfs {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<14} {:<10} {:<5} {:<8} {}",
+            v.index,
+            v.address.to_string(),
+            v.driver.as_deref().unwrap_or("(none)"),
+            v.iommu_group
+                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            if v.assigned { "yes" } else { "no" },
+            v.in_use_by.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}
+
 /// Daemon status: version, uptime, assignments, recent errors.
 pub fn status(s: &Status) -> String {
     let mut out = format!("passthroughd {}, up {}\n", s.version, uptime(s.uptime_secs));

@@ -10,7 +10,7 @@ use zbus::zvariant::{DeserializeDict, SerializeDict, Type};
 
 use crate::{
     AddressError, Assignment, Change, DeviceIdentity, GroupBlocker, IommuGroup, PciAddress,
-    PciFunction, SriovPf, Status, VfOf,
+    PciFunction, SriovPf, Status, VfInfo, VfOf,
 };
 
 pub mod host;
@@ -305,6 +305,46 @@ impl TryFrom<StatusWire> for Status {
                 .map(Assignment::try_from)
                 .collect::<Result<_, _>>()?,
             last_errors: w.last_errors,
+        })
+    }
+}
+
+/// [`VfInfo`] on the wire (`a{sv}`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
+#[zvariant(signature = "dict", crate = "zbus::zvariant")]
+pub struct VfWire {
+    pub index: u32,
+    pub address: String,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    pub assigned: bool,
+    pub in_use_by: Option<String>,
+}
+
+impl From<&VfInfo> for VfWire {
+    fn from(v: &VfInfo) -> Self {
+        Self {
+            index: v.index,
+            address: v.address.to_string(),
+            driver: v.driver.clone(),
+            iommu_group: v.iommu_group,
+            assigned: v.assigned,
+            in_use_by: v.in_use_by.clone(),
+        }
+    }
+}
+
+impl TryFrom<VfWire> for VfInfo {
+    type Error = WireError;
+
+    fn try_from(w: VfWire) -> Result<Self, WireError> {
+        Ok(Self {
+            index: w.index,
+            address: address("VF address", &w.address)?,
+            driver: w.driver,
+            iommu_group: w.iommu_group,
+            assigned: w.assigned,
+            in_use_by: w.in_use_by,
         })
     }
 }

@@ -16,7 +16,9 @@ use passthroughd::service::{self, Engine, ServiceConfig};
 use passthroughd::synthetic::{self, HostShape};
 use passthroughd::{Inventory, PciIds, SysfsRoot, host};
 use passthroughd_proto::dbus::Bus;
-use passthroughd_proto::{AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status};
+use passthroughd_proto::{
+    AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
+};
 
 /// A small host: 64 functions, 8 of them VFs of two PFs, in 8 groups.
 pub const SHAPE: HostShape = HostShape {
@@ -105,6 +107,10 @@ impl Drop for TestBus {
 pub enum Call {
     Assign(Caller, Vec<PciAddress>, AssignOptions),
     Release(Caller, Vec<PciAddress>, ReleaseOptions),
+    /// pf, count, assign, runtime
+    VfCreate(Caller, PciAddress, u32, bool, bool),
+    /// pf, force
+    VfDestroy(Caller, PciAddress, bool),
 }
 
 /// How the scripted engine answers mutations.
@@ -203,6 +209,63 @@ impl Engine for ScriptedEngine {
             .unwrap()
             .push(Call::Release(caller.clone(), addresses.to_vec(), options));
         self.answer(addresses, false)
+    }
+    fn vf_create(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        count: u32,
+        assign: bool,
+        runtime: bool,
+    ) -> Result<Vec<VfInfo>, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::VfCreate(caller.clone(), pf, count, assign, runtime));
+        self.answer(&[pf], true)?;
+        Ok((0..count)
+            .map(|index| VfInfo {
+                index,
+                address: PciAddress::new(0, 0x10, index as u8 / 4, (index % 4 * 2) as u8).unwrap(),
+                driver: assign.then(|| "vfio-pci".to_owned()),
+                iommu_group: Some(100 + index),
+                assigned: assign,
+                in_use_by: None,
+            })
+            .collect())
+    }
+    fn vf_destroy(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        force: bool,
+    ) -> Result<Vec<Change>, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::VfDestroy(caller.clone(), pf, force));
+        self.answer(&[pf], false)
+    }
+    fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error> {
+        let inventory = self.inventory()?;
+        let f = inventory.function(pf).ok_or(Error::NoSuchDevice(pf))?;
+        if f.sriov.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{pf} is not SR-IOV capable"
+            )));
+        }
+        Ok(inventory
+            .vfs_of(pf)
+            .iter()
+            .map(|v| VfInfo {
+                index: v.vf_of.map_or(0, |o| o.index),
+                address: v.address,
+                driver: v.driver.clone(),
+                iommu_group: v.iommu_group,
+                assigned: false,
+                in_use_by: None,
+            })
+            .collect())
     }
     fn status(&self) -> Result<Status, Error> {
         Ok(Status {
