@@ -1,9 +1,8 @@
-//! passthroughctl against the service over the real engine (`Manager`). These need the engine
-//! of issue 3 (`Manager::open`, `assign`, `release`, `status`), which is `todo!()` on the dbus
-//! branch: they are expected to fail there and to pass once the engine is merged.
+//! passthroughctl against the service over the real engine (`Manager`): reads, refusals,
+//! assign/release with their signals and persistence.
 //!
 //! The kernel seam is a small tree-backed simulation: `driver_override` is stored, `unbind`
-//! removes the driver link, `drivers_probe` binds the override (or nothing).
+//! removes the driver link, `drivers_probe` binds the override or the function's native driver.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

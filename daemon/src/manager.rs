@@ -471,7 +471,7 @@ impl Manager {
                     address,
                     reason: format!(
                         "it is an SR-IOV PF with {} VFs enabled, which vfio-pci refuses; \
-                         destroy the VFs first (echo 0 > /sys/bus/pci/devices/{address}/sriov_numvfs)",
+                         destroy the VFs first (passthroughctl vf destroy {address})",
                         sriov.num_vfs
                     ),
                 });
