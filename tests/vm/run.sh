@@ -69,6 +69,7 @@ esac
 #   00:12.0 root port -> pcie-pci-bridge -> e1000 (slot 1) + pcnet (slot 2), one IOMMU group
 #   00:13.0 root port -> virtio-blk (a scratch disk, /dev/vda in the guest: scenarios mount it to
 #           prove the mounted-filesystem guard on a real block device)
+#   00:14.0 virtio-9p: the host's root again, for the page-cached view of programs (guest.sh)
 # The default-route NIC is vng's virtio-net (--net user), on pcie.0, not one of these.
 # The test NICs have no backend (qemu warns "nic ... has no peer"): they exist only to be bound/unbound.
 if [ "$use_kvm" = 1 ]; then
@@ -94,6 +95,10 @@ QEMU_OPTS=(
     -device pcie-root-port,id=rp_blk,bus=pcie.0,addr=0x13.0,chassis=4,slot=4
     -drive "file=$DISK,if=none,id=disk0,format=raw"
     -device virtio-blk-pci,id=blk0,drive=disk0,bus=rp_blk
+    # A second, read-only view of the host's root that guest.sh mounts with a page cache (vng's
+    # own root mount has none, and one 9p channel serves one mount).
+    -fsdev local,id=ptcache,path=/,security_model=none,readonly=on
+    -device virtio-9p-pci,fsdev=ptcache,mount_tag=ptcache,bus=pcie.0,addr=0x14.0
 )
 
 q() { printf '%q ' "$@"; }

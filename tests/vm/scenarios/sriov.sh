@@ -83,7 +83,7 @@ check state-has-no-vf-addresses sh -c "! grep -q '$vf0' '$STATE_DIR/state.toml'"
 check old-daemon-gone wait_for "! kill -0 $old_pid 2>/dev/null" 10
 start_daemon
 check daemon-restarts "$CTL" status
-check restarted-daemon-is-new sh -c "grep -c 'serving org.passthroughd' '$PT_OUT/daemon.log' | grep -qx 2"
+check restarted-daemon-is-new wait_for "grep -c 'serving org.passthroughd' '$PT_OUT/daemon.log' | grep -qx 2" 5
 expect_eq restart-recreated "$(cat "$SYS/$pf/sriov_numvfs")" 7
 expect_eq restart-same-indexes-on-vfio "$(drivers_of 7)" "7 vfio-pci"
 exit_is restart-list 0 "$CTL" --json vf list "$pf"
