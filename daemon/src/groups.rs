@@ -42,7 +42,9 @@ pub fn scan(root: &SysfsRoot, functions: &[PciFunction]) -> Result<Vec<IommuGrou
     Ok(groups)
 }
 
-fn read_group(
+/// Reads group `id`: members, domain type, viability. A member missing from `drivers` has
+/// its `driver` link read.
+pub fn read_group(
     root: &SysfsRoot,
     id: u32,
     drivers: &HashMap<PciAddress, Option<&str>>,

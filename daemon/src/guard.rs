@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use passthroughd_proto::{PciAddress, PciFunction};
 
+use crate::binder::VFIO_PCI;
 use crate::error::Error;
 use crate::sysfs::{SysfsRoot, pci_path_components, read_attr};
 
@@ -137,16 +138,18 @@ impl HostSnapshot {
         snap.read_mounts(root);
         snap.read_swaps(root);
         snap.netdevs = links_to_functions(&root.class_net_dir());
-        for (ifname, _) in &snap.netdevs {
-            snap.addresses
-                .insert(ifname.clone(), provider.addresses(ifname));
+        // Only the interfaces of these functions matter (each lookup is a netlink dump).
+        for (ifname, function) in &snap.netdevs {
+            if functions.iter().any(|f| f.address == *function) {
+                snap.addresses
+                    .insert(ifname.clone(), provider.addresses(ifname));
+            }
         }
         snap.routes4 = read_routes4(&root.proc_dir().join("net/route"));
         snap.routes6 = read_routes6(&root.proc_dir().join("net/ipv6_route"));
         snap.inet6 = read_inet6(&root.proc_dir().join("net/if_inet6"));
         snap.fb_console = read_fb_console(root);
         snap.drm_nodes = links_to_functions(&root.class_drm_dir());
-        snap.open_files = scan_open_files(&root.proc_dir());
         for f in functions {
             let dir = root.pci_device_attr(f.address, "vfio-dev");
             if let Ok(entries) = std::fs::read_dir(dir) {
@@ -157,7 +160,34 @@ impl HostSnapshot {
                 snap.vfio_devs.insert(f.address, names);
             }
         }
+        // Walking every process's fds is the costliest read here; skip it when none of the
+        // nodes the rules look for can exist.
+        if functions.iter().any(|f| snap.may_have_open_nodes(root, f)) {
+            snap.open_files = scan_open_files(&root.proc_dir());
+        }
         snap
+    }
+
+    /// Whether any process could hold a node the rules look for: a VFIO group node exists only
+    /// while some member of the group is on vfio-pci, a VFIO device node only for a function on
+    /// it, a DRM node only for a function with one.
+    fn may_have_open_nodes(&self, root: &SysfsRoot, function: &PciFunction) -> bool {
+        let vfio_member = |group: u32| {
+            let members = root
+                .iommu_groups_dir()
+                .join(group.to_string())
+                .join("devices");
+            std::fs::read_dir(members).map_or(true, |entries| {
+                entries.flatten().any(|m| {
+                    std::fs::read_link(m.path().join("driver"))
+                        .is_ok_and(|d| d.file_name().is_some_and(|n| n == VFIO_PCI))
+                })
+            })
+        };
+        function.driver.as_deref() == Some(VFIO_PCI)
+            || self.vfio_devs.contains_key(&function.address)
+            || self.drm_nodes.iter().any(|(_, a)| *a == function.address)
+            || function.iommu_group.is_some_and(vfio_member)
     }
 
     fn read_mounts(&mut self, root: &SysfsRoot) {

@@ -71,11 +71,7 @@ impl Inventory {
         // A VF is known by its PF's `virtfnN` links, which give the index as well.
         for function in &mut functions {
             function.vf_of = vf_of.get(&function.address).copied();
-            function.vendor_name = ids.vendor(function.vendor_id).map(str::to_owned);
-            function.device_name = ids
-                .device(function.vendor_id, function.device_id)
-                .map(str::to_owned);
-            function.class_name = ids.class(function.class).map(str::to_owned);
+            name(function, ids);
         }
 
         let groups = groups::scan(root, &functions)?;
@@ -92,6 +88,46 @@ impl Inventory {
             }
         }
         Ok(inventory)
+    }
+
+    /// Reads only the IOMMU groups `groups` and the group-less functions `loose`: what a
+    /// request on those groups needs, fresh, without scanning the host. Everything else is
+    /// absent; VFs among them still get `vf_of` (from their PF's links).
+    pub fn scan_groups(
+        root: &SysfsRoot,
+        ids: &PciIds,
+        groups: &[u32],
+        loose: &[PciAddress],
+    ) -> Result<Self, InventoryError> {
+        let mut read = Vec::new();
+        for &id in groups {
+            let group = groups::read_group(root, id, &HashMap::new())?;
+            read.push(group);
+        }
+        let mut addresses: Vec<PciAddress> = read
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .chain(loose.iter().copied())
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        let mut functions: Vec<PciFunction> = read_functions(root, &addresses)?
+            .into_iter()
+            .map(|s| s.function)
+            .collect();
+        for function in &mut functions {
+            function.vf_of = read_vf_of(root, function.address)?;
+            function.iommu_group = read
+                .iter()
+                .find(|g| g.members.contains(&function.address))
+                .map(|g| g.id);
+            name(function, ids);
+        }
+        read.sort_unstable_by_key(|g| g.id);
+        Ok(Self {
+            functions,
+            groups: read,
+        })
     }
 
     pub fn function(&self, address: PciAddress) -> Option<&PciFunction> {
@@ -145,6 +181,38 @@ pub fn list_functions(root: &SysfsRoot) -> Result<Vec<PciAddress>, InventoryErro
     }
     addresses.sort_unstable();
     Ok(addresses)
+}
+
+/// Vendor, device and class names from pci.ids.
+fn name(function: &mut PciFunction, ids: &PciIds) {
+    function.vendor_name = ids.vendor(function.vendor_id).map(str::to_owned);
+    function.device_name = ids
+        .device(function.vendor_id, function.device_id)
+        .map(str::to_owned);
+    function.class_name = ids.class(function.class).map(str::to_owned);
+}
+
+/// A VF's PF and index, from its `physfn` link and the PF's `virtfnN` link back to it; `None`
+/// for anything else. For one function at a time; the full scan reads PFs' links instead.
+fn read_vf_of(root: &SysfsRoot, address: PciAddress) -> Result<Option<VfOf>, ReadError> {
+    let Some(pf) =
+        read_link_name(&root.pci_device_attr(address, "physfn"))?.and_then(|n| n.parse().ok())
+    else {
+        return Ok(None);
+    };
+    let total = read_attr(&root.pci_device_attr(pf, "sriov_numvfs"))?
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    let mut link = root.pci_device_dir(pf);
+    for index in 0..total {
+        link.push(format!("virtfn{index}"));
+        let vf = read_link_name(&link)?.and_then(|n| n.parse::<PciAddress>().ok());
+        link.pop();
+        if vf == Some(address) {
+            return Ok(Some(VfOf { pf, index }));
+        }
+    }
+    Ok(None)
 }
 
 /// One function as read, plus its `virtfnN` links (index, VF address) when it is a PF.

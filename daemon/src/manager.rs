@@ -17,7 +17,7 @@ use passthroughd_proto::{
     AssignOptions, Assignment, Change, DeviceIdentity, HostReport, PciAddress, PciFunction,
     ReleaseOptions, Status,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::binder::{Binder, DEFAULT_WRITE_TIMEOUT, VFIO_PCI};
 use crate::error::Error;
@@ -25,11 +25,49 @@ use crate::guard::{AddressProvider, HostSnapshot, Severity, StaticAddresses, Sys
 use crate::journal::{self, Intent, IntentFunction, JournalEntry, Operation};
 use crate::kernel::Kernel;
 use crate::state::{State, StoredAssignment, StoredIdentity};
+use crate::sysfs::read_link_name;
 use crate::{Inventory, PciIds, SysfsRoot};
 
 #[path = "sriov.rs"]
 mod sriov;
 pub use sriov::DEFAULT_VF_WAIT;
+
+/// Wall time of each phase of one request, logged in one debug line at the end: where a slow
+/// assign spends its time (scan, guard, journal, each kernel write...) without a profiler.
+struct Phases {
+    what: &'static str,
+    last: Instant,
+    parts: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start(what: &'static str) -> Self {
+        Self {
+            what,
+            last: Instant::now(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends the phase running now under `name`.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.parts.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl Drop for Phases {
+    fn drop(&mut self) {
+        let total: Duration = self.parts.iter().map(|(_, d)| *d).sum();
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(n, d)| format!("{n}={:.1}", d.as_secs_f64() * 1e3))
+            .collect();
+        debug!(request = self.what, total_ms = total.as_secs_f64() * 1e3, phases_ms = %parts.join(" "), "timing");
+    }
+}
 
 /// Who asked, for the log line every mutation writes (authorization happens before this).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +139,8 @@ impl EngineOptions {
 
 /// How long a request waits for a busy IOMMU group before answering Busy.
 pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(5);
+/// At most this many IOMMU groups are bound at once by one request.
+const MAX_BIND_THREADS: usize = 8;
 /// How many recent failures `status` keeps.
 const ERROR_RING: usize = 20;
 
@@ -270,6 +310,26 @@ impl Manager {
         Ok(Inventory::scan(&self.config.root, &self.config.ids)?)
     }
 
+    /// Just the functions and groups behind `keys`, read fresh: what a request holding those
+    /// locks plans with (a whole-host scan costs ten times more on a small host, and grows
+    /// with it).
+    fn inventory_of(&self, keys: &BTreeSet<LockKey>) -> Result<Inventory, Error> {
+        let mut groups = Vec::new();
+        let mut loose = Vec::new();
+        for key in keys {
+            match *key {
+                LockKey::Group(g) => groups.push(g),
+                LockKey::Function(a) => loose.push(a),
+            }
+        }
+        Ok(Inventory::scan_groups(
+            &self.config.root,
+            &self.config.ids,
+            &groups,
+            &loose,
+        )?)
+    }
+
     /// The inventory for readers (list, groups, show). While the cache is enabled (the daemon's
     /// uevent listener runs), repeated reads share one scan until something changes: a request
     /// finished, a PCI uevent arrived, or [`INVENTORY_CACHE_TTL`] passed. Without the listener
@@ -396,6 +456,40 @@ impl Manager {
             .iter()
             .map(|a| inventory.function(*a).ok_or(Error::NoSuchDevice(*a)))
             .collect()
+    }
+
+    /// The locks a request on `addresses` takes, read from each function's `iommu_group` link:
+    /// known without a scan, so a request's one scan runs under its locks. `--group` needs
+    /// nothing more: the other members share the group's key.
+    fn lock_keys(&self, addresses: &[PciAddress]) -> Result<BTreeSet<LockKey>, Error> {
+        addresses
+            .iter()
+            .map(|&address| {
+                if !self.binder.exists(address) {
+                    return Err(Error::NoSuchDevice(address));
+                }
+                let link = self.config.root.pci_device_attr(address, "iommu_group");
+                let group = read_link_name(&link)
+                    .map_err(|e| Error::Failed(format!("{e}: {}", e.source)))?
+                    .and_then(|name| name.parse().ok());
+                Ok(group.map_or(LockKey::Function(address), LockKey::Group))
+            })
+            .collect()
+    }
+
+    /// After the scan under the locks: every function the request touches is covered by them.
+    /// Only a hot-plug between reading the links and the scan can break this.
+    fn check_locked<'f>(
+        held: &BTreeSet<LockKey>,
+        functions: impl IntoIterator<Item = &'f PciFunction>,
+    ) -> Result<(), Error> {
+        match functions.into_iter().find(|f| !held.contains(&lock_key(f))) {
+            None => Ok(()),
+            Some(f) => Err(Error::Busy(format!(
+                "{}'s IOMMU group changed during the request (hot-plug?); try again",
+                f.address
+            ))),
+        }
     }
 
     /// Waits (up to `group_wait`) until no other request holds any of `keys`, then takes them
@@ -526,24 +620,22 @@ impl Manager {
         options: AssignOptions,
     ) -> Result<Vec<Change>, Error> {
         Self::check_request(addresses)?;
-        let keys = {
-            let inventory = self.inventory()?;
-            let requested = Self::functions(&inventory, addresses)?;
-            Self::plan_assign(&inventory, &requested, options.group)?
-                .iter()
-                .map(lock_key)
-                .collect()
-        };
-        let _groups = self.lock_groups(keys)?;
-        // Plan again under the lock: another request may have moved a member meanwhile.
-        let inventory = self.inventory()?;
+        let mut phases = Phases::start("assign");
+        let keys = self.lock_keys(addresses)?;
+        let _groups = self.lock_groups(keys.clone())?;
+        phases.mark("lock");
+        // Read and plan under the lock: no other request can move a member meanwhile.
+        let inventory = self.inventory_of(&keys)?;
         let requested = Self::functions(&inventory, addresses)?;
         let plan = Self::plan_assign(&inventory, &requested, options.group)?;
+        Self::check_locked(&keys, &plan)?;
+        phases.mark("scan");
 
         // Every safety check before the first write.
         let refs: Vec<&PciFunction> = plan.iter().collect();
         let snapshot =
             HostSnapshot::gather(&self.config.root, &refs, self.options.addresses.as_ref());
+        phases.mark("guard");
         let mut to_move = Vec::new();
         for f in &plan {
             if f.driver.as_deref() == Some(VFIO_PCI) {
@@ -581,8 +673,9 @@ impl Manager {
             Vec::new()
         } else {
             self.binder.ensure_vfio_loaded()?;
+            phases.mark("modprobe");
             let persisted = if persistent { &records[..] } else { &[] };
-            self.move_to_vfio(caller, &to_move, persisted)?
+            self.move_to_vfio(caller, &to_move, persisted, &mut phases)?
         };
         {
             let mut map = lock(&self.records);
@@ -615,6 +708,7 @@ impl Manager {
         caller: &Caller,
         to_move: &[&PciFunction],
         persist: &[Assignment],
+        phases: &mut Phases,
     ) -> Result<Vec<Change>, Error> {
         let persistent = !persist.is_empty();
         let functions: Vec<IntentFunction> = to_move
@@ -629,22 +723,15 @@ impl Manager {
             &self.config.state_dir,
             &Intent::new(Operation::Assign, persistent, functions.clone()),
         )?;
-        let mut changes: Vec<Change> = Vec::new();
-        let mut failure = None;
-        for f in to_move {
-            match self.binder.bind_vfio(f) {
-                Ok(change) => changes.push(change),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        phases.mark("journal");
+        let (changes, mut failure) = self.bind_groups_in_parallel(to_move);
+        phases.mark("bind");
         if failure.is_none() && persistent {
             // Persist before the journal goes: a crash in between is finished at start.
             if let Err(e) = self.persist(persist) {
                 failure = Some(e);
             }
+            phases.mark("persist");
         }
         if let Some(e) = failure {
             let mut undone = Vec::new();
@@ -684,6 +771,7 @@ impl Manager {
             });
         }
         journal.finish()?;
+        phases.mark("unjournal");
         for c in &changes {
             info!(uid = caller.uid, caller = %caller.bus_name, device = %c.address,
                 old_driver = c.old_driver.as_deref().unwrap_or("none"),
@@ -691,6 +779,72 @@ impl Manager {
                 persistent, "assigned");
         }
         Ok(changes)
+    }
+
+    /// Binds `to_move` to vfio-pci, IOMMU groups side by side: the kernel probes functions of
+    /// different groups independently (most of a bind is the old driver's remove and vfio-pci's
+    /// probe), while one group's members go one after another, in address order. After the
+    /// first failure no new group is started. Returns what was bound, in address order, and the
+    /// first failure (by address).
+    fn bind_groups_in_parallel(&self, to_move: &[&PciFunction]) -> (Vec<Change>, Option<Error>) {
+        let mut by_group: BTreeMap<LockKey, Vec<&PciFunction>> = BTreeMap::new();
+        for f in to_move {
+            by_group.entry(lock_key(f)).or_default().push(f);
+        }
+        let queue = Mutex::new(by_group.into_values());
+        let failed = AtomicBool::new(false);
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, MAX_BIND_THREADS);
+        let bind_queue = || {
+            let mut done = Vec::new();
+            loop {
+                if failed.load(Ordering::Acquire) {
+                    return done;
+                }
+                let Some(group) = lock(&queue).next() else {
+                    return done;
+                };
+                for f in group {
+                    let result = self.binder.bind_vfio(f);
+                    let stop = result.is_err();
+                    done.push((f.address, result));
+                    if stop {
+                        failed.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            }
+        };
+        let mut results: Vec<(PciAddress, Result<Change, Error>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..workers.min(to_move.len()))
+                .map(|_| scope.spawn(bind_queue))
+                .collect();
+            let mut all = bind_queue();
+            for h in handles {
+                // A worker only panics if the binder does; its functions count as not bound,
+                // and the request fails.
+                match h.join() {
+                    Ok(done) => all.extend(done),
+                    Err(_) => failed.store(true, Ordering::Release),
+                }
+            }
+            all
+        });
+        results.sort_by_key(|(address, _)| *address);
+        let mut changes = Vec::new();
+        let mut failure = None;
+        for (_, result) in results {
+            match result {
+                Ok(change) => changes.push(change),
+                Err(e) if failure.is_none() => failure = Some(e),
+                Err(e) => warn!(error = %e, "another bind of the same request failed too"),
+            }
+        }
+        if failure.is_none() && failed.load(Ordering::Acquire) {
+            failure = Some(Error::Failed("a bind worker stopped unexpectedly".into()));
+        }
+        (changes, failure)
     }
 
     // --- release ---
@@ -702,16 +856,11 @@ impl Manager {
         options: ReleaseOptions,
     ) -> Result<Vec<Change>, Error> {
         Self::check_request(addresses)?;
-        let keys = {
-            let inventory = self.inventory()?;
-            Self::functions(&inventory, addresses)?
-                .into_iter()
-                .map(lock_key)
-                .collect()
-        };
-        let _groups = self.lock_groups(keys)?;
-        let inventory = self.inventory()?;
+        let keys = self.lock_keys(addresses)?;
+        let _groups = self.lock_groups(keys.clone())?;
+        let inventory = self.inventory_of(&keys)?;
         let functions = Self::functions(&inventory, addresses)?;
+        Self::check_locked(&keys, functions.iter().copied())?;
         let records = lock(&self.records).clone();
         for f in &functions {
             if !records.contains_key(&f.address) && f.driver.as_deref() != Some(VFIO_PCI) {
@@ -996,7 +1145,7 @@ impl Manager {
             persistent: true,
             refused: None,
         };
-        self.move_to_vfio(caller, &[f], &[record])
+        self.move_to_vfio(caller, &[f], &[record], &mut Phases::start("reapply"))
             .map(drop)
             .map_err(|e| e.to_string())
     }

@@ -16,7 +16,7 @@ use passthroughd_proto::wire::{
 use passthroughd_proto::{
     AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
@@ -241,7 +241,10 @@ impl ManagerObject {
         let finished = tokio::spawn(async move {
             let result = task.await;
             if let Ok(Ok(changes)) = &result {
-                emit_signals(&conn, changes, assigned).await;
+                // The caller's reply does not wait for the signals (two per function, each
+                // a trip through the bus); they follow it, in order.
+                let changes = changes.clone();
+                tokio::spawn(async move { emit_signals(&conn, &changes, assigned).await });
             }
             result
         });
@@ -413,6 +416,7 @@ impl ManagerObject {
         group: bool,
         force: bool,
     ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+        let started = std::time::Instant::now();
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
         let caller = self
             .config
@@ -420,16 +424,24 @@ impl ManagerObject {
             .authorize(conn, header.sender())
             .await
             .map_err(|e| to_dbus(&e))?;
+        let authorized = started.elapsed();
         let options = AssignOptions {
             runtime,
             group,
             force,
         };
         info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "assign");
-        self.mutate(conn, "assign", true, move |engine| {
-            engine.assign(&caller, &addresses, options)
-        })
-        .await
+        let reply = self
+            .mutate(conn, "assign", true, move |engine| {
+                engine.assign(&caller, &addresses, options)
+            })
+            .await;
+        debug!(
+            authorize_ms = authorized.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "assign call timing"
+        );
+        reply
     }
 
     /// Returns each function to the driver it had before assignment.

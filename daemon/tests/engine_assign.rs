@@ -263,6 +263,50 @@ fn assigns_on_different_groups_run_in_parallel() {
 }
 
 #[test]
+fn one_request_binds_its_groups_side_by_side() {
+    let host = Host::new();
+    let (m, _) = host.open();
+    let delay = Duration::from_millis(400);
+    host.sim.delay(SimOp::Probe, a(NIC), delay);
+    host.sim.delay(SimOp::Probe, a(NIC2), delay);
+    let start = Instant::now();
+    let changes = m.assign(&caller(), &[a(NIC2), a(NIC)], RUNTIME).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < delay * 2 - Duration::from_millis(50),
+        "groups bound one after another: {took:?}"
+    );
+    let order: Vec<_> = changes.iter().map(|c| c.address).collect();
+    assert_eq!(
+        order,
+        vec![a(NIC), a(NIC2)],
+        "changes come back in address order"
+    );
+    assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"));
+    assert_eq!(host.driver(NIC2).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn a_failure_in_one_group_puts_back_a_group_bound_beside_it() {
+    let host = Host::new();
+    let (m, _) = host.open();
+    // NIC's bind is slow, so it is still running (and then finishes) when NIC2's probe fails.
+    host.sim
+        .delay(SimOp::Probe, a(NIC), Duration::from_millis(200));
+    host.sim.fail_next(SimOp::Probe, a(NIC2), Errno::EIO);
+    let err = m
+        .assign(&caller(), &[a(NIC), a(NIC2)], AssignOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains(NIC2), "{err}");
+    assert!(err.to_string().contains("put back"), "{err}");
+    assert_eq!(host.driver(NIC).as_deref(), Some("igb"));
+    assert_eq!(host.driver(NIC2).as_deref(), Some("igb"));
+    assert_eq!(host.sim.override_of(a(NIC)), None);
+    assert!(m.assignments().is_empty());
+    assert!(!host.state_text().contains(NIC), "nothing persisted");
+}
+
+#[test]
 fn a_request_on_a_busy_group_waits_briefly_then_gets_busy_and_readers_never_wait() {
     let host = Host::new();
     let mut options = EngineOptions::for_root(&host.root());

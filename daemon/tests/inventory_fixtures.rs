@@ -164,3 +164,50 @@ fn names_come_from_pci_ids() {
         (None, None)
     );
 }
+
+/// A request reads only its groups; what it reads must be exactly what the full scan says of
+/// them, on the real kernel's tree (VFs with PF and index, the bridged group of three, a
+/// group-less function if any).
+#[test]
+fn reading_some_groups_agrees_with_the_full_scan() {
+    for name in ["before", "after-vfs"] {
+        let root = SysfsRoot::new(fixture(name));
+        let full = scan(name);
+        for group in &full.groups {
+            let part = Inventory::scan_groups(&root, &PciIds::empty(), &[group.id], &[]).unwrap();
+            assert_eq!(
+                part.groups,
+                vec![group.clone()],
+                "{name}: group {}",
+                group.id
+            );
+            let expected: Vec<_> = full
+                .functions
+                .iter()
+                .filter(|f| f.iommu_group == Some(group.id))
+                .cloned()
+                .collect();
+            assert_eq!(part.functions, expected, "{name}: group {}", group.id);
+        }
+        let vfs: Vec<u32> = full
+            .functions
+            .iter()
+            .filter(|f| f.vf_of.is_some())
+            .filter_map(|f| f.iommu_group)
+            .collect();
+        let part = Inventory::scan_groups(&root, &PciIds::empty(), &vfs, &[]).unwrap();
+        assert_eq!(part.functions.len(), vfs.len());
+        for f in &part.functions {
+            assert_eq!(Some(f), full.function(f.address), "{name}: {}", f.address);
+        }
+        let loose = full.functions[0].address;
+        let part = Inventory::scan_groups(&root, &PciIds::empty(), &[], &[loose]).unwrap();
+        let mut expected = full.functions[0].clone();
+        expected.iommu_group = None;
+        assert_eq!(part.functions, vec![expected]);
+    }
+    let root = SysfsRoot::new(fixture("after-vfs"));
+    let part = Inventory::scan_groups(&root, &PciIds::empty(), &[], &[addr(VFS[2])]).unwrap();
+    let vf = part.function(addr(VFS[2])).unwrap();
+    assert_eq!(vf.vf_of.map(|v| (v.pf, v.index)), Some((addr(PF), 2)));
+}
