@@ -232,7 +232,7 @@ impl Manager {
             let inventory = self.inventory()?;
             vf_keys(&inventory, check_pf(&inventory, pf)?)
         };
-        let _groups = self.lock_groups(keys)?;
+        let _groups = self.lock_groups(keys.clone())?;
         let inventory = self.inventory()?;
         let f = check_pf(&inventory, pf)?;
         let Some(sriov) = f.sriov else {
@@ -287,9 +287,23 @@ impl Manager {
             &self.config.state_dir,
             &Intent::for_vfs(Operation::VfCreate, persistent, intent.clone()),
         )?;
-        let vfs = match self.make_vfs(&intent, resize) {
+        // VFs an earlier `vf create --assign` put on vfio-pci: a failed resize brings the old
+        // count back, and these go back to vfio-pci with it.
+        let assigned_before: BTreeSet<u32> = lock(&self.vfs)
+            .get(&pf)
+            .map(|r| r.assigned.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&i| i < previous_count)
+            .collect();
+        let vfs = match self.make_vfs(&intent, resize, &keys) {
             Ok(vfs) => vfs,
             Err(e) => {
+                let e = if resize && !assigned_before.is_empty() {
+                    self.reassign_after_failed_resize(pf, previous_count, &assigned_before, e)
+                } else {
+                    e
+                };
                 let put_back = (!resize || self.num_vfs_now(pf).ok() == Some(previous_count))
                     && self.autoprobe_now(pf).ok() == Some(intent.previous_autoprobe);
                 if !put_back {
@@ -338,9 +352,56 @@ impl Manager {
         }
     }
 
+    /// After a failed resize put `count` VFs back: the ones in `indexes` return to vfio-pci,
+    /// where they were. Says in `cause` how that went.
+    fn reassign_after_failed_resize(
+        &self,
+        pf: PciAddress,
+        count: u32,
+        indexes: &BTreeSet<u32>,
+        cause: Error,
+    ) -> Error {
+        if self.num_vfs_now(pf).ok() != Some(count) {
+            return cause; // the rollback itself failed, and the error says so
+        }
+        let rebind = || -> Result<(), Error> {
+            let addresses = self.wait_for_vfs(pf, count)?;
+            let inventory = self.inventory()?;
+            for &index in indexes {
+                let Some(f) = addresses
+                    .get(index as usize)
+                    .and_then(|a| inventory.function(*a))
+                else {
+                    continue;
+                };
+                self.binder
+                    .bind_vfio(f)
+                    .map_err(|e| annotate(e, &format!(" (VF {index})")))?;
+            }
+            Ok(())
+        };
+        let list = indexes
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        match rebind() {
+            Ok(()) => annotate(cause, &format!("; VFs {list} are back on vfio-pci")),
+            Err(e) => annotate(
+                cause,
+                &format!("; putting VFs {list} back on vfio-pci also failed: {e}"),
+            ),
+        }
+    }
+
     /// The sysfs part of create, all or nothing: on failure the VFs bound so far are released,
     /// the count is back to `previous_count` and autoprobe to what it was.
-    fn make_vfs(&self, intent: &VfIntent, resize: bool) -> Result<Vec<PciFunction>, Error> {
+    fn make_vfs(
+        &self,
+        intent: &VfIntent,
+        resize: bool,
+        held: &BTreeSet<LockKey>,
+    ) -> Result<Vec<PciFunction>, Error> {
         let pf = intent.pf;
         let assign = !intent.assign.is_empty();
         if assign {
@@ -352,7 +413,7 @@ impl Manager {
             self.set_autoprobe(pf, false)?;
         }
         let mut bound = Vec::new();
-        let result = self.make_vfs_steps(intent, resize, &mut bound);
+        let result = self.make_vfs_steps(intent, resize, held, &mut bound);
         let result = match result {
             Ok(vfs) => Ok(vfs),
             Err(e) => {
@@ -401,6 +462,7 @@ impl Manager {
         &self,
         intent: &VfIntent,
         resize: bool,
+        held: &BTreeSet<LockKey>,
         bound: &mut Vec<PciAddress>,
     ) -> Result<Vec<PciFunction>, Error> {
         let pf = intent.pf;
@@ -418,6 +480,14 @@ impl Manager {
             }
         }
         let addresses = self.wait_for_vfs(pf, count)?;
+        // New VFs bring new IOMMU groups (or reuse the numbers of the old ones, which we hold):
+        // lock them too, so no other request takes a VF while it is being set up.
+        let new_keys = self
+            .lock_keys(&addresses)?
+            .difference(held)
+            .copied()
+            .collect();
+        let _new_groups = self.lock_groups(new_keys)?;
         let inventory = self.inventory()?;
         let mut vfs = addresses
             .iter()

@@ -229,6 +229,29 @@ fn a_failed_bind_of_vf_k_releases_the_bound_ones_and_restores_count_and_autoprob
 }
 
 #[test]
+fn a_failed_resize_puts_the_vfs_assigned_before_back_on_vfio() {
+    let host = sriov_host();
+    let (m, _) = host.open();
+    m.vf_create(&caller(), a(PF), 2, true, true).unwrap();
+    host.sim.fail_next(SimOp::Probe, vf(&host, 3), Errno::EIO);
+    let err = m.vf_create(&caller(), a(PF), 4, true, true).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("binding VF 3 of 0000:05:00.0"), "{text}");
+    assert!(text.contains("VFs 0, 1 are back on vfio-pci"), "{text}");
+    assert_eq!(numvfs(&host), "2");
+    assert_eq!(autoprobe(&host), "1");
+    for i in 0..2 {
+        assert_eq!(
+            host.sim.driver_of(vf(&host, i)).as_deref(),
+            Some("vfio-pci")
+        );
+    }
+    let listed = m.vf_list(a(PF)).unwrap();
+    assert!(listed.iter().all(|v| v.assigned), "{listed:?}");
+    assert!(!host.state_files().iter().any(|n| n.starts_with("journal")));
+}
+
+#[test]
 fn a_driver_that_enables_fewer_vfs_is_noticed() {
     let mut config = SimSriov::igb(VF_GROUP);
     config.limit = Some(2);
@@ -532,4 +555,36 @@ fn a_pf_in_the_middle_of_another_operation_is_busy() {
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert_eq!(host.sim.writes().len(), writes, "nothing written");
     assert_eq!(first.join().unwrap().unwrap().len(), 2);
+}
+
+#[test]
+fn a_new_vf_is_busy_for_other_requests_until_its_create_finishes() {
+    let host = sriov_host();
+    let (vf0, vf1) = (vf(&host, 0), vf(&host, 1));
+    // VF 0's bind is slow, so the create is still setting up its VFs when VF 1 is asked for.
+    host.sim
+        .delay(SimOp::Probe, vf0, Duration::from_millis(500));
+    let (m, _) = host.open_with(fast());
+    let m: Arc<Manager> = Arc::new(m);
+    let create = {
+        let m = Arc::clone(&m);
+        std::thread::spawn(move || m.vf_create(&caller(), a(PF), 2, true, true))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while host.sim.driver_of(vf0).is_none() && host.sim.override_of(vf0).is_none() {
+        assert!(std::time::Instant::now() < deadline, "VF 0 never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let runtime = AssignOptions {
+        runtime: true,
+        ..AssignOptions::default()
+    };
+    let err = m.assign(&caller(), &[vf1], runtime).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    let vfs = create.join().unwrap().unwrap();
+    assert!(vfs.iter().all(|v| v.driver.as_deref() == Some("vfio-pci")));
+    assert!(
+        m.assignments().is_empty(),
+        "the refused assign recorded nothing"
+    );
 }
