@@ -4,6 +4,7 @@
 //! The service (the real engine over the synthetic tree) runs in a child process (this binary
 //! re-executed) so its memory is measured alone; once with every read scanning (cold) and once
 //! with the readers' cache on (warm), as on a live host with the uevent listener running.
+//! `PT_BENCH_ONLY=warm` (or `cold`) runs one of the two, e.g. under `perf record`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +46,10 @@ fn main() {
     // Cold: every request scans sysfs (a daemon without the uevent listener, or the first read
     // after a change). Warm: the daemon's readers' cache, as on a live host where the uevent
     // listener is running and nothing changed since the last read.
-    for mode in ["cold", "warm"] {
+    for mode in ["cold", "warm"]
+        .into_iter()
+        .filter(|m| std::env::var("PT_BENCH_ONLY").map_or(true, |o| o == *m))
+    {
         measure(mode, &bus, tree.path());
     }
     let ids = passthroughd::PciIds::empty();

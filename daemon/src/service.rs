@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
 use passthroughd_proto::wire::{
-    ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
+    ChangeWire, FunctionRow, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
 };
 use passthroughd_proto::{
     AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
@@ -365,14 +365,14 @@ async fn emit_signals(conn: &Connection, changes: &[Change], assigned: bool) {
 
 #[interface(name = "org.passthroughd.Passthrough1.Manager")]
 impl ManagerObject {
-    /// Every PCI function, sorted by address.
-    async fn list_functions(&self) -> Result<Vec<FunctionWire>, proto_dbus::Error> {
+    /// Every PCI function, sorted by address, one struct row each (see `FunctionRow`).
+    async fn list_functions(&self) -> Result<Vec<FunctionRow>, proto_dbus::Error> {
         self.blocking("listing functions", |engine| {
             Ok(engine
                 .inventory()?
                 .functions
                 .iter()
-                .map(FunctionWire::from)
+                .map(FunctionRow::from)
                 .collect())
         })
         .await

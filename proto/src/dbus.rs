@@ -11,7 +11,9 @@ use std::str::FromStr;
 
 use zbus::DBusError;
 
-use crate::wire::{ChangeWire, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire};
+use crate::wire::{
+    ChangeWire, FunctionRow, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
+};
 
 /// The daemon's well-known bus name.
 pub const SERVICE: &str = "org.passthroughd.Passthrough1";
@@ -32,8 +34,8 @@ pub const ACTION_MANAGE_DEVICES: &str = "org.passthroughd.manage-devices";
     gen_blocking = false
 )]
 pub trait Manager {
-    /// Every PCI function, sorted by address.
-    fn list_functions(&self) -> Result<Vec<FunctionWire>, Error>;
+    /// Every PCI function, sorted by address, one struct row each (see [`FunctionRow`]).
+    fn list_functions(&self) -> Result<Vec<FunctionRow>, Error>;
 
     /// Every IOMMU group, sorted by number.
     fn list_groups(&self) -> Result<Vec<GroupWire>, Error>;

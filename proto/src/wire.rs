@@ -138,6 +138,112 @@ impl TryFrom<FunctionWire> for PciFunction {
     }
 }
 
+/// [`PciFunction`] as one row of `ListFunctions`, whose reply is `a(sqqqqusssssxxbuubsu)`.
+///
+/// A struct rather than `a{sv}`: a host lists thousands of functions, and dictionaries cost
+/// 2.4x the bytes and 5x the encoding and decoding time (4,096 functions: 1.4 MB and ~33 ms
+/// against 0.6 MB and ~6 ms), which was most of a `list --json` round trip. systemd's ListUnits
+/// makes the same choice. Absent values: "" for a string, -1 for a number, `sriov_total_vfs` 0
+/// for "not an SR-IOV PF" (then `sriov_num_vfs` and `sriov_drivers_autoprobe` mean nothing),
+/// `vf_pf` "" for "not a VF" (then `vf_index` means nothing). `Show` still answers `a{sv}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Type)]
+#[zvariant(crate = "zbus::zvariant")]
+pub struct FunctionRow {
+    pub address: String,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_device_id: u16,
+    pub class: u32,
+    pub vendor_name: String,
+    pub device_name: String,
+    pub class_name: String,
+    pub driver: String,
+    pub driver_override: String,
+    pub iommu_group: i64,
+    pub numa_node: i64,
+    pub boot_vga: bool,
+    pub sriov_total_vfs: u32,
+    pub sriov_num_vfs: u32,
+    pub sriov_drivers_autoprobe: bool,
+    pub vf_pf: String,
+    pub vf_index: u32,
+}
+
+impl From<&PciFunction> for FunctionRow {
+    fn from(f: &PciFunction) -> Self {
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let number = |v: Option<u32>| v.map_or(-1, i64::from);
+        Self {
+            address: f.address.to_string(),
+            vendor_id: f.vendor_id,
+            device_id: f.device_id,
+            subsystem_vendor_id: f.subsystem_vendor_id,
+            subsystem_device_id: f.subsystem_device_id,
+            class: f.class,
+            vendor_name: text(&f.vendor_name),
+            device_name: text(&f.device_name),
+            class_name: text(&f.class_name),
+            driver: text(&f.driver),
+            driver_override: text(&f.driver_override),
+            iommu_group: number(f.iommu_group),
+            numa_node: number(f.numa_node),
+            boot_vga: f.boot_vga,
+            sriov_total_vfs: f.sriov.map_or(0, |s| s.total_vfs),
+            sriov_num_vfs: f.sriov.map_or(0, |s| s.num_vfs),
+            sriov_drivers_autoprobe: f.sriov.is_some_and(|s| s.drivers_autoprobe),
+            vf_pf: f.vf_of.map(|v| v.pf.to_string()).unwrap_or_default(),
+            vf_index: f.vf_of.map_or(0, |v| v.index),
+        }
+    }
+}
+
+impl TryFrom<FunctionRow> for PciFunction {
+    type Error = WireError;
+
+    fn try_from(r: FunctionRow) -> Result<Self, WireError> {
+        let text = |v: String| (!v.is_empty()).then_some(v);
+        let number = |field: &'static str, v: i64| -> Result<Option<u32>, WireError> {
+            match v {
+                -1 => Ok(None),
+                n => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| unknown(field, &n.to_string())),
+            }
+        };
+        let vf_of = if r.vf_pf.is_empty() {
+            None
+        } else {
+            Some(VfOf {
+                pf: address("VF's PF address", &r.vf_pf)?,
+                index: r.vf_index,
+            })
+        };
+        Ok(Self {
+            address: address("function address", &r.address)?,
+            vendor_id: r.vendor_id,
+            device_id: r.device_id,
+            subsystem_vendor_id: r.subsystem_vendor_id,
+            subsystem_device_id: r.subsystem_device_id,
+            class: r.class,
+            vendor_name: text(r.vendor_name),
+            device_name: text(r.device_name),
+            class_name: text(r.class_name),
+            driver: text(r.driver),
+            driver_override: text(r.driver_override),
+            iommu_group: number("IOMMU group", r.iommu_group)?,
+            numa_node: number("NUMA node", r.numa_node)?,
+            boot_vga: r.boot_vga,
+            sriov: (r.sriov_total_vfs > 0).then_some(SriovPf {
+                total_vfs: r.sriov_total_vfs,
+                num_vfs: r.sriov_num_vfs,
+                drivers_autoprobe: r.sriov_drivers_autoprobe,
+            }),
+            vf_of,
+        })
+    }
+}
+
 /// A group member that blocks viability: (member, host driver).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 #[zvariant(crate = "zbus::zvariant")]
@@ -393,6 +499,37 @@ mod tests {
         assert_eq!(GroupWire::SIGNATURE.to_string(), "a{sv}");
         assert_eq!(<Vec<ChangeWire>>::SIGNATURE.to_string(), "aa{sv}");
         assert_eq!(StatusWire::SIGNATURE.to_string(), "a{sv}");
+    }
+
+    #[test]
+    fn a_function_survives_a_list_row() {
+        assert_eq!(FunctionRow::SIGNATURE.to_string(), "(sqqqqusssssxxbuubsu)");
+        let mut f = function();
+        let row = round_trip(&FunctionRow::from(&f));
+        assert_eq!((row.driver.as_str(), row.numa_node), ("", -1));
+        assert_eq!(PciFunction::try_from(row).unwrap(), f);
+        f.vf_of = None;
+        f.driver = Some("igb".into());
+        f.driver_override = None;
+        f.iommu_group = Some(0);
+        f.numa_node = Some(1);
+        for autoprobe in [true, false] {
+            f.sriov = Some(SriovPf {
+                total_vfs: 7,
+                num_vfs: 3,
+                drivers_autoprobe: autoprobe,
+            });
+            let back = PciFunction::try_from(round_trip(&FunctionRow::from(&f))).unwrap();
+            assert_eq!(back, f);
+        }
+        let mut bad = FunctionRow::from(&f);
+        bad.iommu_group = -2;
+        assert!(PciFunction::try_from(bad.clone()).is_err());
+        bad.iommu_group = i64::from(u32::MAX) + 1;
+        assert!(PciFunction::try_from(bad.clone()).is_err());
+        bad.iommu_group = 3;
+        bad.vf_pf = "../x".into();
+        assert!(PciFunction::try_from(bad).is_err());
     }
 
     #[test]
