@@ -72,6 +72,13 @@ nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
 exit_is unprivileged-list-allowed 0 nobody "$CTL" list
 exit_is unprivileged-assign-denied 3 nobody "$CTL" assign "$e1000e"
 expect_eq unprivileged-changes-nothing "$(driver_of "$e1000e")" e1000e
+# Only root may own the service name (the bus policy): an unprivileged passthroughd, with a state
+# dir of its own so nothing else stops it first, is refused by the bus and exits 69.
+mkdir -p /tmp/nobody-state && chown 65534:65534 /tmp/nobody-state
+exit_is unprivileged-cannot-own-the-name 69 timeout 60 setpriv --reuid=65534 --regid=65534 \
+    --clear-groups "$PTD" --bus system --state-dir /tmp/nobody-state
+check unprivileged-owner-refused-by-policy grep -q "not allowed to own the service" "$PT_OUT/last.err"
+check root-daemon-still-serves "$CTL" status
 
 # Persistent assignments survive a restart and a "reboot" (device back on its host driver).
 exit_is persist-assign 0 "$CTL" assign "$e1000e"
