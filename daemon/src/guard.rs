@@ -125,7 +125,9 @@ pub struct HostSnapshot {
 
 impl HostSnapshot {
     /// Reads block devices, mounts, swaps, interfaces, routes, consoles and open VFIO/DRM files
-    /// under `root`. Unreadable parts are treated as empty: each rule says what it could see.
+    /// under `root`, as far as the rules for `functions` need them (the snapshot answers for
+    /// those functions only). Unreadable parts are treated as empty: each rule says what it
+    /// could see.
     pub fn gather(
         root: &SysfsRoot,
         functions: &[&PciFunction],
@@ -135,21 +137,35 @@ impl HostSnapshot {
             blocks: read_blocks(root),
             ..Self::default()
         };
-        snap.read_mounts(root);
-        snap.read_swaps(root);
+        // Mounts and swaps only matter when one of the functions carries a disk.
+        if functions
+            .iter()
+            .any(|f| !snap.block_tree(f.address).is_empty())
+        {
+            snap.read_mounts(root);
+            snap.read_swaps(root);
+        }
         snap.netdevs = links_to_functions(&root.class_net_dir());
-        // Only the interfaces of these functions matter (each lookup is a netlink dump).
+        // Addresses and routes only for the functions' own interfaces (each address lookup is
+        // a netlink dump).
+        let mut own_interfaces = false;
         for (ifname, function) in &snap.netdevs {
             if functions.iter().any(|f| f.address == *function) {
+                own_interfaces = true;
                 snap.addresses
                     .insert(ifname.clone(), provider.addresses(ifname));
             }
         }
-        snap.routes4 = read_routes4(&root.proc_dir().join("net/route"));
-        snap.routes6 = read_routes6(&root.proc_dir().join("net/ipv6_route"));
-        snap.inet6 = read_inet6(&root.proc_dir().join("net/if_inet6"));
-        snap.fb_console = read_fb_console(root);
-        snap.drm_nodes = links_to_functions(&root.class_drm_dir());
+        if own_interfaces {
+            snap.routes4 = read_routes4(&root.proc_dir().join("net/route"));
+            snap.routes6 = read_routes6(&root.proc_dir().join("net/ipv6_route"));
+            snap.inet6 = read_inet6(&root.proc_dir().join("net/if_inet6"));
+        }
+        // Consoles and DRM clients only matter for the boot display.
+        if functions.iter().any(|f| f.boot_vga) {
+            snap.fb_console = read_fb_console(root);
+            snap.drm_nodes = links_to_functions(&root.class_drm_dir());
+        }
         for f in functions {
             let dir = root.pci_device_attr(f.address, "vfio-dev");
             if let Ok(entries) = std::fs::read_dir(dir) {
