@@ -34,11 +34,16 @@ dpdk() { dpdk-devbind.py -b vfio-pci "${VFS[@]}" >/dev/null 2>&1; }
 dctl() { local a; for a in "${VFS[@]}"; do driverctl --nosave set-override "$a" vfio-pci >/dev/null 2>&1; done; }
 dctl_restore() { local a; for a in "${VFS[@]}"; do driverctl --nosave unset-override "$a" >/dev/null 2>&1; done; restore; }
 
-# median_ms NAME RUN RESTORE: times RUN $ROUNDS times, restoring between rounds.
+# measure NAME RUN RESTORE: times RUN $ROUNDS times after an untimed warm-up round, restoring
+# and letting udev settle between rounds.
 declare -A MEDIAN
 measure() {
     local name="$1" run="$2" undo="$3" i t0 t1 times=()
+    # One untimed round first: the first use of every method pays for cold caches (the
+    # daemon's first request, python's first import of the script), which is not what we compare.
+    quiesce; $run; $undo || { note "$name: restore after the warm-up round failed"; return; }
     for i in $(seq "$ROUNDS"); do
+        quiesce
         t0=$(date +%s%N); $run; t1=$(date +%s%N)
         all_on vfio-pci || { expect_eq "$name-binds-all-7" "$(for a in "${VFS[@]}"; do driver_of "$a"; done | sort | uniq -c | tr '\n' ' ')" "7 vfio-pci"; $undo; return; }
         times+=($(( (t1 - t0) / 1000 )))

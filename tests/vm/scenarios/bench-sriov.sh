@@ -50,8 +50,11 @@ ours() { "$CTL" vf create "$pf" --count 7 --assign --runtime >/dev/null; }
 declare -A MEDIAN
 measure() {
     local name="$1" run="$2" i t0 t1 times=()
+    # One untimed round first (cold caches: the daemon's first create), as in bench-assign.sh.
+    reset; quiesce; $run
     for i in $(seq "$ROUNDS"); do
         reset
+        quiesce
         t0=$(date +%s%N); $run; t1=$(date +%s%N)
         if ! all_on_vfio; then
             expect_eq "$name-binds-all-7" "$(for a in $(vfs); do driver_of "$a"; done | sort | uniq -c | tr '\n' ' ')" "7 vfio-pci"

@@ -99,6 +99,11 @@ daemon_pid() { cat "$DAEMON_PIDFILE" 2>/dev/null; }
 
 driver_of() { link_name "$SYS/$1/driver"; }
 
+# Waits until udev has handled every event so far, so a timed benchmark round starts on an idle
+# guest rather than while udev still sets up the interfaces the last reset brought back (under
+# TCG that work takes a CPU for a second or more, and would land on whichever method runs next).
+quiesce() { udevadm settle --timeout=30 2>/dev/null || true; }
+
 # Puts a device back on its host driver by hand, as a reboot would (no daemon involved).
 raw_release() {
     echo > "$SYS/$1/driver_override"
