@@ -80,7 +80,7 @@ echo 0 > "$SYS/$pf/sriov_numvfs"
 expect_eq reboot-removed-vfs "$(cat "$SYS/$pf/sriov_numvfs")" 0
 check state-records-vfs grep -q '^\[\[vfs\]\]' "$STATE_DIR/state.toml"
 check state-has-no-vf-addresses sh -c "! grep -q '$vf0' '$STATE_DIR/state.toml'"
-check old-daemon-gone wait_for "! kill -0 $old_pid 2>/dev/null" 10
+check old-daemon-gone wait_for "! alive $old_pid" 10
 start_daemon
 check daemon-restarts "$CTL" status
 check restarted-daemon-is-new wait_for "grep -c 'serving org.passthroughd' '$PT_OUT/daemon.log' | grep -qx 2" 5
