@@ -50,8 +50,7 @@ impl Binder {
 
     /// The driver bound to `address` now (the `driver` link), `None` when unbound.
     pub fn current_driver(&self, address: PciAddress) -> Result<Option<String>, Error> {
-        read_link_name(&self.root.pci_device_attr(address, "driver"))
-            .map_err(|e| Error::Failed(format!("{e}: {}", e.source)))
+        read_link_name(&self.root.pci_device_attr(address, "driver")).map_err(Error::from)
     }
 
     pub fn exists(&self, address: PciAddress) -> bool {

@@ -61,6 +61,13 @@ pub enum Error {
     Failed(String),
 }
 
+/// A failed sysfs read during an operation: the path and the errno, on one line.
+impl From<crate::sysfs::ReadError> for Error {
+    fn from(e: crate::sysfs::ReadError) -> Self {
+        Self::Failed(format!("{e}: {}", e.source))
+    }
+}
+
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -17,11 +17,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use passthroughd_proto::device::driver_is_vfio;
 use passthroughd_proto::{PciAddress, PciFunction};
 
-use crate::binder::VFIO_PCI;
 use crate::error::Error;
-use crate::sysfs::{SysfsRoot, pci_path_components, read_attr};
+use crate::sysfs::{SysfsRoot, pci_path_components, read_attr, read_link_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -178,16 +178,17 @@ impl HostSnapshot {
         }
         // Walking every process's fds is the costliest read here; skip it when none of the
         // nodes the rules look for can exist.
-        if functions.iter().any(|f| snap.may_have_open_nodes(root, f)) {
+        if snap.may_have_open_nodes(root, functions) {
             snap.open_files = scan_open_files(&root.proc_dir());
         }
         snap
     }
 
     /// Whether any process could hold a node the rules look for: a VFIO group node exists only
-    /// while some member of the group is on vfio-pci, a VFIO device node only for a function on
-    /// it, a DRM node only for a function with one.
-    fn may_have_open_nodes(&self, root: &SysfsRoot, function: &PciFunction) -> bool {
+    /// while some member of the group is on vfio-pci or a variant driver, a VFIO device node
+    /// only for a function on one, a DRM node only for a function with one. Each group is read
+    /// once; an unreadable group counts as "maybe".
+    fn may_have_open_nodes(&self, root: &SysfsRoot, functions: &[&PciFunction]) -> bool {
         let vfio_member = |group: u32| {
             let members = root
                 .iommu_groups_dir()
@@ -195,15 +196,17 @@ impl HostSnapshot {
                 .join("devices");
             std::fs::read_dir(members).map_or(true, |entries| {
                 entries.flatten().any(|m| {
-                    std::fs::read_link(m.path().join("driver"))
-                        .is_ok_and(|d| d.file_name().is_some_and(|n| n == VFIO_PCI))
+                    let driver = read_link_name(&m.path().join("driver")).ok().flatten();
+                    driver_is_vfio(driver.as_deref())
                 })
             })
         };
-        function.driver.as_deref() == Some(VFIO_PCI)
-            || self.vfio_devs.contains_key(&function.address)
-            || self.drm_nodes.iter().any(|(_, a)| *a == function.address)
-            || function.iommu_group.is_some_and(vfio_member)
+        let groups: BTreeSet<u32> = functions.iter().filter_map(|f| f.iommu_group).collect();
+        functions.iter().any(|f| {
+            driver_is_vfio(f.driver.as_deref())
+                || self.vfio_devs.contains_key(&f.address)
+                || self.drm_nodes.iter().any(|(_, a)| *a == f.address)
+        }) || groups.into_iter().any(vfio_member)
     }
 
     fn read_mounts(&mut self, root: &SysfsRoot) {
@@ -440,13 +443,13 @@ impl HostSnapshot {
             })
     }
 
-    /// In use by a VMM: its group node or its VFIO device node is open somewhere.
     /// The process holding the function's VFIO group or device open, as "comm (pid N)".
     pub fn in_use_by(&self, function: &PciFunction) -> Option<String> {
         self.holder(function)
             .map(|f| format!("{} (pid {})", f.comm, f.pid))
     }
 
+    /// In use by a VMM: its group node or its VFIO device node is open somewhere.
     fn rule_in_use(&self, function: &PciFunction) -> Option<Finding> {
         self.holder(function).map(|f| Finding {
             severity: Severity::Busy,

@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 
 use crate::groups;
 use crate::pciids::PciIds;
-use crate::sysfs::{ReadError, SysfsRoot, parse_hex, read_attr, read_link_name};
+use crate::sysfs::{ReadError, SysfsRoot, parse_hex, read_attr, read_link_name, read_virtfn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -203,12 +203,8 @@ fn read_vf_of(root: &SysfsRoot, address: PciAddress) -> Result<Option<VfOf>, Rea
     let total = read_attr(&root.pci_device_attr(pf, "sriov_numvfs"))?
         .and_then(|n| n.parse::<u32>().ok())
         .unwrap_or(0);
-    let mut link = root.pci_device_dir(pf);
     for index in 0..total {
-        link.push(format!("virtfn{index}"));
-        let vf = read_link_name(&link)?.and_then(|n| n.parse::<PciAddress>().ok());
-        link.pop();
-        if vf == Some(address) {
+        if read_virtfn(root, pf, index)? == Some(address) {
             return Ok(Some(VfOf { pf, index }));
         }
     }
@@ -262,13 +258,10 @@ fn read_function(root: &SysfsRoot, address: PciAddress) -> Result<Option<Scanned
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             let drivers_autoprobe = attr("sriov_drivers_autoprobe")?.as_deref() != Some("0");
-            let mut link = root.pci_device_dir(address);
             for index in 0..num_vfs {
-                link.push(format!("virtfn{index}"));
-                if let Some(vf) = read_link_name(&link)?.and_then(|n| n.parse().ok()) {
+                if let Some(vf) = read_virtfn(root, address, index)? {
                     virtfns.push((index, vf));
                 }
-                link.pop();
             }
             Some(SriovPf {
                 total_vfs,

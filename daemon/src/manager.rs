@@ -469,27 +469,10 @@ impl Manager {
                     return Err(Error::NoSuchDevice(address));
                 }
                 let link = self.config.root.pci_device_attr(address, "iommu_group");
-                let group = read_link_name(&link)
-                    .map_err(|e| Error::Failed(format!("{e}: {}", e.source)))?
-                    .and_then(|name| name.parse().ok());
+                let group = read_link_name(&link)?.and_then(|name| name.parse().ok());
                 Ok(group.map_or(LockKey::Function(address), LockKey::Group))
             })
             .collect()
-    }
-
-    /// After the scan under the locks: every function the request touches is covered by them.
-    /// Only a hot-plug between reading the links and the scan can break this.
-    fn check_locked<'f>(
-        held: &BTreeSet<LockKey>,
-        functions: impl IntoIterator<Item = &'f PciFunction>,
-    ) -> Result<(), Error> {
-        match functions.into_iter().find(|f| !held.contains(&lock_key(f))) {
-            None => Ok(()),
-            Some(f) => Err(Error::Busy(format!(
-                "{}'s IOMMU group changed during the request (hot-plug?); try again",
-                f.address
-            ))),
-        }
     }
 
     /// Waits (up to `group_wait`) until no other request holds any of `keys`, then takes them
@@ -628,7 +611,6 @@ impl Manager {
         let inventory = self.inventory_of(&keys)?;
         let requested = Self::functions(&inventory, addresses)?;
         let plan = Self::plan_assign(&inventory, &requested, options.group)?;
-        Self::check_locked(&keys, &plan)?;
         phases.mark("scan");
 
         // Every safety check before the first write.
@@ -791,24 +773,24 @@ impl Manager {
         for f in to_move {
             by_group.entry(lock_key(f)).or_default().push(f);
         }
-        let queue = Mutex::new(by_group.into_values());
-        let failed = AtomicBool::new(false);
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
-            .clamp(2, MAX_BIND_THREADS);
+            .clamp(2, MAX_BIND_THREADS)
+            .min(by_group.len());
+        let queue = Mutex::new(by_group.into_values());
+        let failed = AtomicBool::new(false);
+        // Every result lands here as soon as it is known, so even a worker that panics
+        // afterwards cannot take a bound function out of the rollback.
+        let results: Mutex<Vec<(PciAddress, Result<Change, Error>)>> = Mutex::new(Vec::new());
         let bind_queue = || {
-            let mut done = Vec::new();
-            loop {
-                if failed.load(Ordering::Acquire) {
-                    return done;
-                }
+            while !failed.load(Ordering::Acquire) {
                 let Some(group) = lock(&queue).next() else {
-                    return done;
+                    return;
                 };
                 for f in group {
                     let result = self.binder.bind_vfio(f);
                     let stop = result.is_err();
-                    done.push((f.address, result));
+                    lock(&results).push((f.address, result));
                     if stop {
                         failed.store(true, Ordering::Release);
                         break;
@@ -816,21 +798,14 @@ impl Manager {
                 }
             }
         };
-        let mut results: Vec<(PciAddress, Result<Change, Error>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..workers.min(to_move.len()))
-                .map(|_| scope.spawn(bind_queue))
-                .collect();
-            let mut all = bind_queue();
-            for h in handles {
-                // A worker only panics if the binder does; its functions count as not bound,
-                // and the request fails.
-                match h.join() {
-                    Ok(done) => all.extend(done),
-                    Err(_) => failed.store(true, Ordering::Release),
-                }
-            }
-            all
+        let panicked = std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..workers).map(|_| scope.spawn(bind_queue)).collect();
+            bind_queue();
+            // A worker only panics if the binder does; the request then fails and rolls back
+            // what was bound.
+            handles.into_iter().any(|h| h.join().is_err())
         });
+        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|(address, _)| *address);
         let mut changes = Vec::new();
         let mut failure = None;
@@ -841,7 +816,7 @@ impl Manager {
                 Err(e) => warn!(error = %e, "another bind of the same request failed too"),
             }
         }
-        if failure.is_none() && failed.load(Ordering::Acquire) {
+        if failure.is_none() && panicked {
             failure = Some(Error::Failed("a bind worker stopped unexpectedly".into()));
         }
         (changes, failure)
@@ -860,7 +835,6 @@ impl Manager {
         let _groups = self.lock_groups(keys.clone())?;
         let inventory = self.inventory_of(&keys)?;
         let functions = Self::functions(&inventory, addresses)?;
-        Self::check_locked(&keys, functions.iter().copied())?;
         let records = lock(&self.records).clone();
         for f in &functions {
             if !records.contains_key(&f.address) && f.driver.as_deref() != Some(VFIO_PCI) {

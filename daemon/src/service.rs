@@ -16,7 +16,8 @@ use passthroughd_proto::wire::{
 use passthroughd_proto::{
     AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
 };
-use tracing::{debug, error, info, warn};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
@@ -135,7 +136,13 @@ pub async fn serve(
     engine: Arc<dyn Engine>,
     config: ServiceConfig,
 ) -> zbus::Result<Connection> {
-    let object = ManagerObject { engine, config };
+    let (announce, announcements) = mpsc::unbounded_channel();
+    tokio::spawn(announce_in_order(announcements));
+    let object = ManagerObject {
+        engine,
+        config,
+        announce,
+    };
     bus.builder()?
         .serve_at(PATH, object)?
         .name(SERVICE)?
@@ -147,6 +154,8 @@ pub async fn serve(
 pub struct ManagerObject {
     engine: Arc<dyn Engine>,
     config: ServiceConfig,
+    /// To the one task that emits signals (see [`announce_in_order`]).
+    announce: mpsc::UnboundedSender<(Connection, Announcement)>,
 }
 
 impl std::fmt::Debug for ManagerObject {
@@ -191,9 +200,7 @@ fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
     texts
         .iter()
         .map(|text| {
-            let address: PciAddress = text
-                .parse()
-                .map_err(|e| Error::InvalidArgument(format!("{e}")))?;
+            let address = parse_address(text)?;
             if !seen.insert(address) {
                 return Err(Error::InvalidArgument(format!(
                     "{address} is named more than once"
@@ -204,7 +211,22 @@ fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
         .collect()
 }
 
+/// Parses one caller-supplied address.
+fn parse_address(text: &str) -> Result<PciAddress, Error> {
+    text.parse()
+        .map_err(|e| Error::InvalidArgument(format!("{e}")))
+}
+
 impl ManagerObject {
+    /// The caller of a mutating method, if authorized (uid 0 or polkit).
+    async fn authorize(&self, conn: &Connection, header: &Header<'_>) -> Reply<Caller> {
+        self.config
+            .authorizer
+            .authorize(conn, header.sender())
+            .await
+            .map_err(|e| to_dbus(&e))
+    }
+
     /// Runs `work` on a blocking thread; past the time limit the caller gets `on_timeout`.
     async fn blocking<T, F>(&self, what: &'static str, work: F) -> Reply<T>
     where
@@ -223,104 +245,42 @@ impl ManagerObject {
         }
     }
 
-    /// Runs a mutation on a blocking thread. Its signals are emitted when it finishes, even if
-    /// the caller stopped waiting at the time limit (then it gets `Busy`).
-    async fn mutate<F>(
+    /// Runs a mutation on a blocking thread. What it changed is announced (signals) when it
+    /// finishes, even if the caller stopped waiting at the time limit (then it gets `Busy`,
+    /// with `busy_hint` saying where to look).
+    async fn mutate<T, F>(
         &self,
         conn: &Connection,
         what: &'static str,
-        assigned: bool,
+        busy_hint: &'static str,
         work: F,
-    ) -> Reply<Vec<ChangeWire>>
-    where
-        F: FnOnce(&dyn Engine) -> Result<Vec<Change>, Error> + Send + 'static,
-    {
-        let engine = Arc::clone(&self.engine);
-        let task = tokio::task::spawn_blocking(move || work(&*engine));
-        let conn = conn.clone();
-        let finished = tokio::spawn(async move {
-            let result = task.await;
-            if let Ok(Ok(changes)) = &result {
-                // The caller's reply does not wait for the signals (two per function, each
-                // a trip through the bus); they follow it, in order.
-                let changes = changes.clone();
-                tokio::spawn(async move { emit_signals(&conn, &changes, assigned).await });
-            }
-            result
-        });
-        match tokio::time::timeout(self.config.time_limit, finished).await {
-            Ok(Ok(Ok(Ok(changes)))) => Ok(changes.iter().map(ChangeWire::from).collect()),
-            Ok(Ok(Ok(Err(e)))) => Err(to_dbus(&e)),
-            Ok(Ok(Err(join)) | Err(join)) => Err(internal(what, &join)),
-            Err(_) => Err(to_dbus(&Error::Busy(format!(
-                "{what} did not finish within {} and goes on in the background; \
-                 a VM may hold the device (see passthroughctl status)",
-                seconds(self.config.time_limit)
-            )))),
-        }
-    }
-}
-
-impl ManagerObject {
-    /// A VF mutation: like [`Self::mutate`], but the signal is `VfsChanged(pf, count)`, with the
-    /// count read back from the kernel when the work is done.
-    async fn mutate_vfs<T, F>(
-        &self,
-        conn: &Connection,
-        what: &'static str,
-        pf: PciAddress,
-        count_of: fn(&T) -> u32,
-        work: F,
+        announcement: impl FnOnce(&T) -> Announcement + Send + 'static,
     ) -> Reply<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Engine) -> Result<T, Error> + Send + 'static,
     {
         let engine = Arc::clone(&self.engine);
-        let task = tokio::task::spawn_blocking(move || {
-            let result = work(&*engine);
-            let count = result.as_ref().ok().map(count_of);
-            (result, count)
-        });
-        let conn = conn.clone();
+        let task = tokio::task::spawn_blocking(move || work(&*engine));
+        let (conn, announce) = (conn.clone(), self.announce.clone());
         let finished = tokio::spawn(async move {
             let result = task.await;
-            if let Ok((Ok(_), Some(count))) = &result {
-                match SignalEmitter::new(&conn, PATH) {
-                    Ok(emitter) => {
-                        if let Err(e) =
-                            ManagerObject::vfs_changed(&emitter, &pf.to_string(), *count).await
-                        {
-                            warn!(%pf, %e, "cannot emit VfsChanged");
-                        }
-                    }
-                    Err(e) => warn!(%e, "cannot emit signals"),
-                }
+            if let Ok(Ok(value)) = &result {
+                // Only fails once the service is gone, and then nobody listens.
+                let _ = announce.send((conn, announcement(value)));
             }
-            result.map(|(r, _)| r)
+            result
         });
         match tokio::time::timeout(self.config.time_limit, finished).await {
             Ok(Ok(Ok(Ok(value)))) => Ok(value),
             Ok(Ok(Ok(Err(e)))) => Err(to_dbus(&e)),
             Ok(Ok(Err(join)) | Err(join)) => Err(internal(what, &join)),
             Err(_) => Err(to_dbus(&Error::Busy(format!(
-                "{what} did not finish within {} and goes on in the background; \
-                 a VM may hold a VF (see passthroughctl vf list)",
+                "{what} did not finish within {} and goes on in the background; {busy_hint}",
                 seconds(self.config.time_limit)
             )))),
         }
     }
-}
-
-/// How many VFs a create left: every VF it returns.
-#[allow(clippy::ptr_arg)] // a `fn(&T)` with T = Vec<VfInfo>
-fn vf_count(vfs: &Vec<VfInfo>) -> u32 {
-    u32::try_from(vfs.len()).unwrap_or(u32::MAX)
-}
-
-fn parse_pf(text: &str) -> Result<PciAddress, proto_dbus::Error> {
-    text.parse()
-        .map_err(|e| to_dbus(&Error::InvalidArgument(format!("{e}"))))
 }
 
 /// "30 s", or "300 ms" for limits under a second.
@@ -340,28 +300,68 @@ fn internal(what: &str, join: &tokio::task::JoinError) -> proto_dbus::Error {
     )))
 }
 
-async fn emit_signals(conn: &Connection, changes: &[Change], assigned: bool) {
-    let emitter = match SignalEmitter::new(conn, PATH) {
-        Ok(emitter) => emitter,
-        Err(e) => {
-            warn!(%e, "cannot emit signals");
-            return;
-        }
-    };
-    for change in changes {
-        let address = change.address.to_string();
-        let old = change.old_driver.as_deref().unwrap_or("");
-        let new = change.new_driver.as_deref().unwrap_or("");
-        if old != new
-            && let Err(e) = ManagerObject::driver_changed(&emitter, &address, old, new).await
-        {
-            warn!(%address, %e, "cannot emit DriverChanged");
-        }
-        if let Err(e) = ManagerObject::assignment_changed(&emitter, &address, assigned).await {
-            warn!(%address, %e, "cannot emit AssignmentChanged");
+/// What a finished mutation tells listeners.
+#[derive(Debug)]
+enum Announcement {
+    /// `DriverChanged` (where the driver changed) and `AssignmentChanged` for each function.
+    Changes {
+        changes: Vec<Change>,
+        assigned: bool,
+    },
+    /// `VfsChanged(pf, count)`.
+    Vfs { pf: PciAddress, count: u32 },
+}
+
+/// Emits the signals of every finished mutation, one mutation after another in the order they
+/// finished: the callers' replies never wait for signals (two per function, each a trip through
+/// the bus), and two requests' signals never interleave. Ends with the service.
+async fn announce_in_order(mut announcements: mpsc::UnboundedReceiver<(Connection, Announcement)>) {
+    while let Some((conn, announcement)) = announcements.recv().await {
+        let emitter = match SignalEmitter::new(&conn, PATH) {
+            Ok(emitter) => emitter,
+            Err(e) => {
+                warn!(%e, "cannot emit signals");
+                continue;
+            }
+        };
+        match announcement {
+            Announcement::Changes { changes, assigned } => {
+                for change in &changes {
+                    let address = change.address.to_string();
+                    let old = change.old_driver.as_deref().unwrap_or("");
+                    let new = change.new_driver.as_deref().unwrap_or("");
+                    if old != new
+                        && let Err(e) =
+                            ManagerObject::driver_changed(&emitter, &address, old, new).await
+                    {
+                        warn!(%address, %e, "cannot emit DriverChanged");
+                    }
+                    if let Err(e) =
+                        ManagerObject::assignment_changed(&emitter, &address, assigned).await
+                    {
+                        warn!(%address, %e, "cannot emit AssignmentChanged");
+                    }
+                }
+            }
+            Announcement::Vfs { pf, count } => {
+                if let Err(e) = ManagerObject::vfs_changed(&emitter, &pf.to_string(), count).await {
+                    warn!(%pf, %e, "cannot emit VfsChanged");
+                }
+            }
         }
     }
 }
+
+/// The announcement of an assign (`assigned`) or release.
+fn changes(assigned: bool) -> impl FnOnce(&Vec<Change>) -> Announcement + Send + 'static {
+    move |changes| Announcement::Changes {
+        changes: changes.clone(),
+        assigned,
+    }
+}
+
+const BUSY_DEVICE: &str = "a VM may hold the device (see passthroughctl status)";
+const BUSY_VF: &str = "a VM may hold a VF (see passthroughctl vf list)";
 
 #[interface(name = "org.passthroughd.Passthrough1.Manager")]
 impl ManagerObject {
@@ -416,32 +416,24 @@ impl ManagerObject {
         group: bool,
         force: bool,
     ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
-        let started = std::time::Instant::now();
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
-        let caller = self
-            .config
-            .authorizer
-            .authorize(conn, header.sender())
-            .await
-            .map_err(|e| to_dbus(&e))?;
-        let authorized = started.elapsed();
+        let caller = self.authorize(conn, &header).await?;
         let options = AssignOptions {
             runtime,
             group,
             force,
         };
         info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "assign");
-        let reply = self
-            .mutate(conn, "assign", true, move |engine| {
-                engine.assign(&caller, &addresses, options)
-            })
-            .await;
-        debug!(
-            authorize_ms = authorized.as_secs_f64() * 1e3,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "assign call timing"
-        );
-        reply
+        let changes = self
+            .mutate(
+                conn,
+                "assign",
+                BUSY_DEVICE,
+                move |engine| engine.assign(&caller, &addresses, options),
+                changes(true),
+            )
+            .await?;
+        Ok(changes.iter().map(ChangeWire::from).collect())
     }
 
     /// Returns each function to the driver it had before assignment.
@@ -453,18 +445,19 @@ impl ManagerObject {
         runtime: bool,
     ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
-        let caller = self
-            .config
-            .authorizer
-            .authorize(conn, header.sender())
-            .await
-            .map_err(|e| to_dbus(&e))?;
+        let caller = self.authorize(conn, &header).await?;
         let options = ReleaseOptions { runtime };
         info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "release");
-        self.mutate(conn, "release", false, move |engine| {
-            engine.release(&caller, &addresses, options)
-        })
-        .await
+        let changes = self
+            .mutate(
+                conn,
+                "release",
+                BUSY_DEVICE,
+                move |engine| engine.release(&caller, &addresses, options),
+                changes(false),
+            )
+            .await?;
+        Ok(changes.iter().map(ChangeWire::from).collect())
     }
 
     /// Daemon version, uptime, assignments and recent errors.
@@ -495,18 +488,20 @@ impl ManagerObject {
         assign: bool,
         runtime: bool,
     ) -> Result<Vec<VfWire>, proto_dbus::Error> {
-        let pf = parse_pf(&pf)?;
-        let caller = self
-            .config
-            .authorizer
-            .authorize(conn, header.sender())
-            .await
-            .map_err(|e| to_dbus(&e))?;
+        let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
+        let caller = self.authorize(conn, &header).await?;
         info!(uid = caller.uid, sender = %caller.bus_name, %pf, count, assign, runtime, "vf create");
         let vfs = self
-            .mutate_vfs(conn, "vf create", pf, vf_count, move |engine| {
-                engine.vf_create(&caller, pf, count, assign, runtime)
-            })
+            .mutate(
+                conn,
+                "vf create",
+                BUSY_VF,
+                move |engine| engine.vf_create(&caller, pf, count, assign, runtime),
+                move |vfs: &Vec<VfInfo>| Announcement::Vfs {
+                    pf,
+                    count: u32::try_from(vfs.len()).unwrap_or(u32::MAX),
+                },
+            )
             .await?;
         Ok(vfs.iter().map(VfWire::from).collect())
     }
@@ -519,21 +514,16 @@ impl ManagerObject {
         pf: String,
         force: bool,
     ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
-        let pf = parse_pf(&pf)?;
-        let caller = self
-            .config
-            .authorizer
-            .authorize(conn, header.sender())
-            .await
-            .map_err(|e| to_dbus(&e))?;
+        let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
+        let caller = self.authorize(conn, &header).await?;
         info!(uid = caller.uid, sender = %caller.bus_name, %pf, force, "vf destroy");
         let changes = self
-            .mutate_vfs(
+            .mutate(
                 conn,
                 "vf destroy",
-                pf,
-                |_| 0,
+                BUSY_VF,
                 move |engine| engine.vf_destroy(&caller, pf, force),
+                move |_: &Vec<Change>| Announcement::Vfs { pf, count: 0 },
             )
             .await?;
         Ok(changes.iter().map(ChangeWire::from).collect())
@@ -541,7 +531,7 @@ impl ManagerObject {
 
     /// Every VF of `pf`: index, address, driver, group, assignment, in-use holder.
     async fn vf_list(&self, pf: String) -> Result<Vec<VfWire>, proto_dbus::Error> {
-        let pf = parse_pf(&pf)?;
+        let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
         self.blocking("listing VFs", move |engine| {
             Ok(engine.vf_list(pf)?.iter().map(VfWire::from).collect())
         })

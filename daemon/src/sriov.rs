@@ -51,6 +51,15 @@ fn check_pf(inventory: &Inventory, pf: PciAddress) -> Result<&PciFunction, Error
     Ok(f)
 }
 
+/// "; VFs 0, 1 are back on vfio-pci" when `indexes` is not empty.
+fn back_on_vfio(indexes: &BTreeSet<u32>) -> String {
+    if indexes.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = indexes.iter().map(u32::to_string).collect();
+    format!("; VFs {} are back on vfio-pci", list.join(", "))
+}
+
 /// The PF's group and its VFs' groups: what a VF operation locks.
 fn vf_keys(inventory: &Inventory, pf: &PciFunction) -> BTreeSet<LockKey> {
     let mut keys: BTreeSet<LockKey> = inventory
@@ -138,8 +147,7 @@ impl Manager {
     }
 
     fn pf_attr(&self, pf: PciAddress, attr: &'static str) -> Result<Option<String>, Error> {
-        read_attr(&self.config.root.pci_device_attr(pf, attr))
-            .map_err(|e| Error::Failed(format!("{e}: {}", e.source)))
+        read_attr(&self.config.root.pci_device_attr(pf, attr)).map_err(Error::from)
     }
 
     fn num_vfs_now(&self, pf: PciAddress) -> Result<u32, Error> {
@@ -296,14 +304,9 @@ impl Manager {
             .into_iter()
             .filter(|&i| i < previous_count)
             .collect();
-        let vfs = match self.make_vfs(&intent, resize, &keys) {
+        let vfs = match self.make_vfs(&intent, resize, &keys, &assigned_before) {
             Ok(vfs) => vfs,
             Err(e) => {
-                let e = if resize && !assigned_before.is_empty() {
-                    self.reassign_after_failed_resize(pf, previous_count, &assigned_before, e)
-                } else {
-                    e
-                };
                 let put_back = (!resize || self.num_vfs_now(pf).ok() == Some(previous_count))
                     && self.autoprobe_now(pf).ok() == Some(intent.previous_autoprobe);
                 if !put_back {
@@ -352,55 +355,15 @@ impl Manager {
         }
     }
 
-    /// After a failed resize put `count` VFs back: the ones in `indexes` return to vfio-pci,
-    /// where they were. Says in `cause` how that went.
-    fn reassign_after_failed_resize(
-        &self,
-        pf: PciAddress,
-        count: u32,
-        indexes: &BTreeSet<u32>,
-        cause: Error,
-    ) -> Error {
-        if self.num_vfs_now(pf).ok() != Some(count) {
-            return cause; // the rollback itself failed, and the error says so
-        }
-        let rebind = || -> Result<(), Error> {
-            let addresses = self.wait_for_vfs(pf, count)?;
-            let inventory = self.inventory()?;
-            for &index in indexes {
-                let Some(f) = addresses
-                    .get(index as usize)
-                    .and_then(|a| inventory.function(*a))
-                else {
-                    continue;
-                };
-                self.binder
-                    .bind_vfio(f)
-                    .map_err(|e| annotate(e, &format!(" (VF {index})")))?;
-            }
-            Ok(())
-        };
-        let list = indexes
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        match rebind() {
-            Ok(()) => annotate(cause, &format!("; VFs {list} are back on vfio-pci")),
-            Err(e) => annotate(
-                cause,
-                &format!("; putting VFs {list} back on vfio-pci also failed: {e}"),
-            ),
-        }
-    }
-
     /// The sysfs part of create, all or nothing: on failure the VFs bound so far are released,
-    /// the count is back to `previous_count` and autoprobe to what it was.
+    /// the count is back to `previous_count` (with the VFs in `assigned_before` on vfio-pci
+    /// again) and autoprobe to what it was.
     fn make_vfs(
         &self,
         intent: &VfIntent,
         resize: bool,
         held: &BTreeSet<LockKey>,
+        assigned_before: &BTreeSet<u32>,
     ) -> Result<Vec<PciFunction>, Error> {
         let pf = intent.pf;
         let assign = !intent.assign.is_empty();
@@ -422,13 +385,19 @@ impl Manager {
                 } else {
                     None
                 };
-                match self.undo_vfs(pf, &bound, count_back, intent.previous_autoprobe) {
+                let reassign = if resize {
+                    assigned_before
+                } else {
+                    &BTreeSet::new()
+                };
+                match self.undo_vfs(pf, &bound, count_back, intent.previous_autoprobe, reassign) {
                     Ok(()) => Err(annotate(
                         e,
                         &format!(
-                            "; rolled back: {} VFs, {} released",
+                            "; rolled back: {} VFs, {} released{}",
                             intent.previous_count,
-                            bound.len()
+                            bound.len(),
+                            back_on_vfio(reassign)
                         ),
                     )),
                     Err(u) => Err(annotate(e, &format!("; rolling back also failed: {u}"))),
@@ -518,15 +487,12 @@ impl Manager {
     /// Waits (bounded) until `virtfn0..count` resolve to VFs whose directories exist.
     fn wait_for_vfs(&self, pf: PciAddress, count: u32) -> Result<Vec<PciAddress>, Error> {
         let deadline = Instant::now() + self.options.vf_wait;
-        let dir = self.config.root.pci_device_dir(pf);
         loop {
             let mut found = Vec::with_capacity(count as usize);
             for index in 0..count {
-                let link = dir.join(format!("virtfn{index}"));
-                let vf = crate::sysfs::read_link_name(&link)
+                let vf = crate::sysfs::read_virtfn(&self.config.root, pf, index)
                     .ok()
                     .flatten()
-                    .and_then(|n| n.parse::<PciAddress>().ok())
                     .filter(|a| self.binder.exists(*a));
                 match vf {
                     Some(a) => found.push(a),
@@ -548,14 +514,16 @@ impl Manager {
         }
     }
 
-    /// Puts a PF back: `bound` VFs released, the count back to `count` (through 0), autoprobe
-    /// to `autoprobe`. Tries every step; reports the first failure.
+    /// Puts a PF back: `bound` VFs released, the count back to `count` (through 0) with the VFs
+    /// in `reassign` on vfio-pci as before (autoprobe stays off meanwhile, so the host VF driver
+    /// never takes them), autoprobe to `autoprobe`. Tries every step; reports the first failure.
     fn undo_vfs(
         &self,
         pf: PciAddress,
         bound: &[PciAddress],
         count: Option<u32>,
         autoprobe: bool,
+        reassign: &BTreeSet<u32>,
     ) -> Result<(), Error> {
         let mut first: Option<Error> = None;
         let mut keep = |r: Result<(), Error>| {
@@ -565,20 +533,31 @@ impl Manager {
                 first = Some(e);
             }
         };
+        let now = self.num_vfs_now(pf)?;
+        let recount = count.is_some_and(|c| c != now);
         for a in bound.iter().rev() {
-            keep(self.binder.restore(*a, None).map(drop));
+            // VFs about to go away only need to leave vfio-pci: probing a host driver onto them
+            // first would be wasted work (and is what --assign exists to avoid).
+            keep(if recount {
+                self.binder.detach(*a).map(drop)
+            } else {
+                self.binder.restore(*a, None).map(drop)
+            });
         }
-        if let Some(count) = count {
-            let now = self.num_vfs_now(pf)?;
-            if now != count {
-                if now != 0 {
-                    keep(self.set_num_vfs(pf, 0));
-                }
-                if self.autoprobe_now(pf)? != autoprobe {
-                    keep(self.set_autoprobe(pf, autoprobe));
-                }
-                if count > 0 {
-                    keep(self.set_num_vfs(pf, count));
+        if let Some(count) = count
+            && recount
+        {
+            if now != 0 {
+                keep(self.set_num_vfs(pf, 0));
+            }
+            let probe = autoprobe && reassign.is_empty();
+            if self.autoprobe_now(pf)? != probe {
+                keep(self.set_autoprobe(pf, probe));
+            }
+            if count > 0 {
+                keep(self.set_num_vfs(pf, count));
+                if !reassign.is_empty() {
+                    keep(self.bind_old_vfs(pf, count, reassign, autoprobe));
                 }
             }
         }
@@ -586,6 +565,32 @@ impl Manager {
             keep(self.set_autoprobe(pf, autoprobe));
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// After the count is back to `count` with autoprobe off: the VFs in `indexes` go to
+    /// vfio-pci, the others (with `autoprobe`) to what autoprobe would have given them.
+    fn bind_old_vfs(
+        &self,
+        pf: PciAddress,
+        count: u32,
+        indexes: &BTreeSet<u32>,
+        autoprobe: bool,
+    ) -> Result<(), Error> {
+        let addresses = self.wait_for_vfs(pf, count)?;
+        let inventory = self.inventory_of(&self.lock_keys(&addresses)?)?;
+        for (index, address) in (0..).zip(&addresses) {
+            if indexes.contains(&index) {
+                let f = inventory
+                    .function(*address)
+                    .ok_or(Error::NoSuchDevice(*address))?;
+                self.binder
+                    .bind_vfio(f)
+                    .map_err(|e| annotate(e, &format!(" (VF {index})")))?;
+            } else if autoprobe {
+                self.binder.restore(*address, None)?;
+            }
+        }
+        Ok(())
     }
 
     fn vf_destroy_inner(
@@ -706,14 +711,25 @@ impl Manager {
                         assign.len()
                     )),
                     Err(e) => {
-                        let _ =
-                            self.undo_vfs(pf, &[], Some(vf.previous_count), vf.previous_autoprobe);
+                        let _ = self.undo_vfs(
+                            pf,
+                            &[],
+                            Some(vf.previous_count),
+                            vf.previous_autoprobe,
+                            &BTreeSet::new(),
+                        );
                         Err(format!("{pf}: interrupted vf create undone: {e}"))
                     }
                 }
             }
             (Operation::VfCreate, false) => {
-                match self.undo_vfs(pf, &[], Some(vf.previous_count), vf.previous_autoprobe) {
+                match self.undo_vfs(
+                    pf,
+                    &[],
+                    Some(vf.previous_count),
+                    vf.previous_autoprobe,
+                    &BTreeSet::new(),
+                ) {
                     Ok(()) => Ok(format!(
                         "{pf}: interrupted runtime vf create rolled back to {} VFs",
                         vf.previous_count

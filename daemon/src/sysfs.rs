@@ -214,6 +214,17 @@ pub fn read_link_name(path: &Path) -> Result<Option<String>, ReadError> {
     }
 }
 
+/// VF `index` of `pf`: where its `virtfnN` link points, `None` when there is no such link (or
+/// it names no PCI address).
+pub fn read_virtfn(
+    root: &SysfsRoot,
+    pf: PciAddress,
+    index: u32,
+) -> Result<Option<PciAddress>, ReadError> {
+    let link = root.pci_device_dir(pf).join(format!("virtfn{index}"));
+    Ok(read_link_name(&link)?.and_then(|n| n.parse().ok()))
+}
+
 /// Parses a sysfs hex attribute such as `0x8086`.
 pub fn parse_hex(text: &str) -> Option<u32> {
     u32::from_str_radix(text.strip_prefix("0x").unwrap_or(text), 16).ok()

@@ -245,6 +245,11 @@ fn a_failed_resize_puts_the_vfs_assigned_before_back_on_vfio() {
             host.sim.driver_of(vf(&host, i)).as_deref(),
             Some("vfio-pci")
         );
+        let history = host.sim.bind_history(vf(&host, i));
+        assert!(
+            !history.iter().any(|d| d == "igbvf"),
+            "VF {i} went through the host VF driver: {history:?}"
+        );
     }
     let listed = m.vf_list(a(PF)).unwrap();
     assert!(listed.iter().all(|v| v.assigned), "{listed:?}");

@@ -128,6 +128,12 @@ impl IommuGroup {
     }
 }
 
+/// Whether `driver` is vfio-pci or one of its variants: a function bound to it gives its group
+/// a VFIO node (`/dev/vfio/N`) that a VMM can hold open.
+pub fn driver_is_vfio(driver: Option<&str>) -> bool {
+    driver.is_some_and(|d| d != "pci-stub" && d != "pcieport" && VFIO_SAFE_DRIVERS.contains(&d))
+}
+
 /// Whether a function bound to `driver` (or to none) leaves its group usable for VFIO.
 pub fn driver_is_vfio_safe(driver: Option<&str>) -> bool {
     driver.is_none_or(|d| VFIO_SAFE_DRIVERS.contains(&d))

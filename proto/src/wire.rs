@@ -198,7 +198,9 @@ impl From<&PciFunction> for FunctionRow {
     }
 }
 
-impl TryFrom<FunctionRow> for PciFunction {
+/// A row's placeholders ("" and -1, totals of 0) become the absent values of [`FunctionWire`],
+/// so a row is then checked and converted exactly as a dictionary is.
+impl TryFrom<FunctionRow> for FunctionWire {
     type Error = WireError;
 
     fn try_from(r: FunctionRow) -> Result<Self, WireError> {
@@ -211,16 +213,10 @@ impl TryFrom<FunctionRow> for PciFunction {
                     .map_err(|_| unknown(field, &n.to_string())),
             }
         };
-        let vf_of = if r.vf_pf.is_empty() {
-            None
-        } else {
-            Some(VfOf {
-                pf: address("VF's PF address", &r.vf_pf)?,
-                index: r.vf_index,
-            })
-        };
+        let pf = r.sriov_total_vfs > 0;
+        let vf = !r.vf_pf.is_empty();
         Ok(Self {
-            address: address("function address", &r.address)?,
+            address: r.address,
             vendor_id: r.vendor_id,
             device_id: r.device_id,
             subsystem_vendor_id: r.subsystem_vendor_id,
@@ -234,13 +230,20 @@ impl TryFrom<FunctionRow> for PciFunction {
             iommu_group: number("IOMMU group", r.iommu_group)?,
             numa_node: number("NUMA node", r.numa_node)?,
             boot_vga: r.boot_vga,
-            sriov: (r.sriov_total_vfs > 0).then_some(SriovPf {
-                total_vfs: r.sriov_total_vfs,
-                num_vfs: r.sriov_num_vfs,
-                drivers_autoprobe: r.sriov_drivers_autoprobe,
-            }),
-            vf_of,
+            sriov_total_vfs: pf.then_some(r.sriov_total_vfs),
+            sriov_num_vfs: pf.then_some(r.sriov_num_vfs),
+            sriov_drivers_autoprobe: pf.then_some(r.sriov_drivers_autoprobe),
+            vf_pf: text(r.vf_pf),
+            vf_index: vf.then_some(r.vf_index),
         })
+    }
+}
+
+impl TryFrom<FunctionRow> for PciFunction {
+    type Error = WireError;
+
+    fn try_from(r: FunctionRow) -> Result<Self, WireError> {
+        PciFunction::try_from(FunctionWire::try_from(r)?)
     }
 }
 

@@ -49,7 +49,7 @@ measure() {
         times+=($(( (t1 - t0) / 1000 )))
         $undo || { note "$name: restore failed"; return; }
     done
-    MEDIAN[$name]=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")
+    MEDIAN[$name]=$(median "${times[@]}")
     expect_eq "$name-binds-all-7" ok ok
     note "$name: median $((MEDIAN[$name] / 1000)) ms over $ROUNDS rounds (all: $(printf '%s ' "${times[@]}")us)"
 }
@@ -60,7 +60,6 @@ measure passthroughctl ours ours_restore
 measure dpdk-devbind dpdk restore
 measure driverctl dctl dctl_restore
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 {
     echo "assign 7 VFs to vfio-pci (median of $ROUNDS, guest under TCG):"
     for m in bare-loop passthroughctl dpdk-devbind driverctl; do

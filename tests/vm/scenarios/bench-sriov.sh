@@ -63,7 +63,7 @@ measure() {
         times+=($(( (t1 - t0) / 1000 )))
     done
     reset
-    MEDIAN[$name]=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")
+    MEDIAN[$name]=$(median "${times[@]}")
     expect_eq "$name-binds-all-7" ok ok
     note "$name: median $((MEDIAN[$name] / 1000)) ms over $ROUNDS rounds (all: $(printf '%s ' "${times[@]}")us)"
 }
@@ -73,7 +73,6 @@ measure best best
 measure passthroughctl ours
 expect_eq autoprobe-restored "$(cat "$P/sriov_drivers_autoprobe")" 1
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 {
     echo "create 7 igb VFs on vfio-pci (median of $ROUNDS, guest under TCG):"
     for m in naive best passthroughctl; do

@@ -109,6 +109,10 @@ driver_of() { link_name "$SYS/$1/driver"; }
 # TCG that work takes a CPU for a second or more, and would land on whichever method runs next).
 quiesce() { udevadm settle --timeout=30 2>/dev/null || true; }
 
+# Benchmark arithmetic: the median of the numbers given, and a/b to two places.
+median() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
 # Puts a device back on its host driver by hand, as a reboot would (no daemon involved).
 raw_release() {
     echo > "$SYS/$1/driver_override"
