@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use passthroughd::kernel::SysfsKernel;
 use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::synthetic::{self, HostShape};
 use passthroughd::{Manager, ManagerConfig};
 use passthroughd_proto::dbus::Bus;
+use passthroughd_testkit::synthetic::{self, HostShape};
 
 const RUNS: usize = 20;
 const CHILD: &str = "PASSTHROUGHD_BENCH_SERVE";

@@ -16,10 +16,10 @@ use std::time::Duration;
 use common::*;
 use passthroughd::kernel::Kernel;
 use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::synthetic;
 use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::ManagerProxy;
 use passthroughd_proto::{PciAddress, table};
+use passthroughd_testkit::synthetic;
 
 #[derive(Debug)]
 struct TreeKernel {

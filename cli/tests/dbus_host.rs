@@ -11,7 +11,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use passthroughd::{PciIds, SysfsRoot, host};
+use passthroughd::observe::host;
+use passthroughd::{PciIds, SysfsRoot};
 use passthroughd_proto::host::{HostReport, render_text};
 
 fn fixture(name: &str) -> PathBuf {

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use common::*;
 use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::sim::{SimDevice, SimKernel, SimSriov};
 use passthroughd::{Manager, ManagerConfig, PciIds};
 use passthroughd_proto::PciAddress;
 use passthroughd_proto::dbus::ManagerProxy;
+use passthroughd_testkit::sim::{SimDevice, SimKernel, SimSriov};
 use zbus::export::futures_core::Stream;
 
 const PF: &str = "0000:05:00.0";

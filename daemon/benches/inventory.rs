@@ -7,8 +7,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use passthroughd::synthetic::{self, HostShape};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd_testkit::synthetic::{self, HostShape};
 
 const RUNS: usize = 31;
 

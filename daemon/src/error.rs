@@ -62,8 +62,8 @@ pub enum Error {
 }
 
 /// A failed sysfs read during an operation: the path and the errno, on one line.
-impl From<crate::sysfs::ReadError> for Error {
-    fn from(e: crate::sysfs::ReadError) -> Self {
+impl From<crate::kernel::sysfs::ReadError> for Error {
+    fn from(e: crate::kernel::sysfs::ReadError) -> Self {
         Self::Failed(format!("{e}: {}", e.source))
     }
 }

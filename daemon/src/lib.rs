@@ -1,28 +1,28 @@
 //! passthroughd as a library: everything the daemon does, with a thin `main.rs` on top.
 //!
-//! Kernel state is read relative to a [`sysfs::SysfsRoot`], so the same code runs against the
-//! live `/sys`, a tree captured from a real kernel, or a synthetic one.
+//! The folders follow the architecture:
+//! - [`kernel`]: the one seam to the kernel: sysfs paths and reads relative to a root, timed
+//!   writes, the driver and SR-IOV sequences, uevents.
+//! - [`observe`]: read-only views of the host: inventory, IOMMU groups, pci.ids, the blast-radius
+//!   guard, the host capability report.
+//! - [`engine`]: plans (what to write, decided by pure planners), the executor that journals and
+//!   runs them, crash recovery, locks, and the desired state.
+//! - [`store`]: state.toml, the journal, atomic files.
+//! - [`service`]: the D-Bus interface, authorization, error names.
+//!
+//! Kernel state is read relative to a [`kernel::sysfs::SysfsRoot`], so the same code runs
+//! against the live `/sys`, a tree captured from a real kernel, or a simulated one (the
+//! `passthroughd-testkit` crate, which is test support and not part of the daemon).
 
-pub mod authz;
-pub mod binder;
+pub mod engine;
 pub mod error;
-pub mod groups;
-pub mod guard;
-pub mod host;
-pub mod inventory;
-pub mod journal;
 pub mod kernel;
-pub mod manager;
-pub mod pciids;
+pub mod observe;
 pub mod service;
-pub mod sim;
-pub mod state;
-pub mod synthetic;
-pub mod sysfs;
-pub mod uevents;
+pub mod store;
 
+pub use engine::{Caller, Manager, ManagerConfig};
 pub use error::{Error, ErrorKind};
-pub use inventory::{Inventory, InventoryError};
-pub use manager::{Caller, Manager, ManagerConfig};
-pub use pciids::PciIds;
-pub use sysfs::SysfsRoot;
+pub use kernel::sysfs::SysfsRoot;
+pub use observe::inventory::{Inventory, InventoryError};
+pub use observe::pciids::PciIds;

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use passthroughd::host;
 use passthroughd::kernel::SysfsKernel;
+use passthroughd::kernel::uevents;
+use passthroughd::observe::host;
 use passthroughd::service::{self, ServiceConfig, error_chain};
-use passthroughd::uevents;
 use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::table;

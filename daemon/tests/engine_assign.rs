@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::errno::Errno;
 use passthroughd::ErrorKind;
-use passthroughd::manager::EngineOptions;
-use passthroughd::sim::SimOp;
+use passthroughd::engine::EngineOptions;
 use passthroughd_proto::{AssignOptions, ReleaseOptions};
+use passthroughd_testkit::sim::SimOp;
 
 const RUNTIME: AssignOptions = AssignOptions {
     runtime: true,
@@ -229,7 +229,8 @@ fn assigning_an_assigned_function_is_a_no_op() {
 #[test]
 fn pfs_with_vfs_are_refused_before_any_write() {
     let host = Host::new();
-    let mut pf = passthroughd::sim::SimDevice::new(a("0000:05:00.0"), 0x020000, Some("igb"), 9);
+    let mut pf =
+        passthroughd_testkit::sim::SimDevice::new(a("0000:05:00.0"), 0x020000, Some("igb"), 9);
     pf.sriov_numvfs = 2;
     host.sim.add_device(&pf).unwrap();
     let (m, _) = host.open();

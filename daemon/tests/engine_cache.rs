@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use passthroughd::manager::INVENTORY_CACHE_TTL;
+use passthroughd::engine::INVENTORY_CACHE_TTL;
 use passthroughd_proto::{AssignOptions, ReleaseOptions};
 
 #[test]

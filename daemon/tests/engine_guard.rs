@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use common::*;
 use passthroughd::ErrorKind;
-use passthroughd::guard::StaticAddresses;
-use passthroughd::manager::EngineOptions;
-use passthroughd::sim::SimDevice;
+use passthroughd::engine::EngineOptions;
+use passthroughd::observe::guard::StaticAddresses;
 use passthroughd_proto::{AssignOptions, ReleaseOptions};
+use passthroughd_testkit::sim::SimDevice;
 
 const FORCE: AssignOptions = AssignOptions {
     runtime: true,

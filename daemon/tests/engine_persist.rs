@@ -8,11 +8,11 @@ mod common;
 use common::*;
 use nix::errno::Errno;
 use passthroughd::Manager;
-use passthroughd::journal::{Intent, IntentFunction, JournalEntry, Operation};
 use passthroughd::kernel::Kernel;
-use passthroughd::sim::SimOp;
-use passthroughd::state::StoredIdentity;
+use passthroughd::store::journal::{Intent, IntentFunction, JournalEntry, Operation};
+use passthroughd::store::state::StoredIdentity;
 use passthroughd_proto::{AssignOptions, DeviceIdentity, ReleaseOptions};
+use passthroughd_testkit::sim::SimOp;
 
 const RUNTIME: AssignOptions = AssignOptions {
     runtime: true,

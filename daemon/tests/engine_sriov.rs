@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use common::*;
 use nix::errno::Errno;
-use passthroughd::journal::{Intent, JournalEntry, Operation, VfIntent};
-use passthroughd::manager::EngineOptions;
-use passthroughd::sim::{SimDevice, SimOp, SimSriov};
-use passthroughd::state::StoredIdentity;
+use passthroughd::engine::EngineOptions;
+use passthroughd::store::journal::{Intent, JournalEntry, Operation, VfIntent};
+use passthroughd::store::state::StoredIdentity;
 use passthroughd::{ErrorKind, Manager};
 use passthroughd_proto::{AssignOptions, DeviceIdentity, PciAddress};
+use passthroughd_testkit::sim::{SimDevice, SimOp, SimSriov};
 
 const PF: &str = "0000:05:00.0";
 /// Group of VF 0; VF n is in group 20 + n.

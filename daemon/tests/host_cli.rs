@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use passthroughd::{PciIds, SysfsRoot, host};
+use passthroughd::observe::host;
+use passthroughd::{PciIds, SysfsRoot};
 use passthroughd_proto::host::render_text;
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use passthroughd::host::{self, DevCpuMsr, FixedMsrs, MsrSource};
+use passthroughd::observe::host::{self, DevCpuMsr, FixedMsrs, MsrSource};
 use passthroughd::{PciIds, SysfsRoot};
 use passthroughd_proto::host::{HostReport, Verdict};
 

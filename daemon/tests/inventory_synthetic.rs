@@ -4,8 +4,8 @@
 // Test helpers outside #[test] functions may unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use passthroughd::synthetic::{self, HostShape};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd_testkit::synthetic::{self, HostShape};
 
 const SHAPE: HostShape = HostShape {
     functions: 256,

@@ -10,15 +10,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use passthroughd::engine::Caller;
 use passthroughd::error::Error;
-use passthroughd::manager::Caller;
+use passthroughd::observe::host;
 use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::synthetic::{self, HostShape};
-use passthroughd::{Inventory, PciIds, SysfsRoot, host};
+use passthroughd::{Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::{
     AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
 };
+use passthroughd_testkit::synthetic::{self, HostShape};
 
 /// A small host: 64 functions, 8 of them VFs of two PFs, in 8 groups.
 pub const SHAPE: HostShape = HostShape {

@@ -16,10 +16,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use passthroughd::manager::{EngineOptions, StartupReport};
-use passthroughd::sim::{SimDevice, SimKernel};
+use passthroughd::engine::{EngineOptions, StartupReport};
 use passthroughd::{Caller, Manager, ManagerConfig, PciIds, SysfsRoot};
 use passthroughd_proto::PciAddress;
+use passthroughd_testkit::sim::{SimDevice, SimKernel};
 
 pub fn a(s: &str) -> PciAddress {
     s.parse().unwrap()

@@ -14,7 +14,7 @@ use passthroughd_proto::PciAddress;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::state::{StoredIdentity, one_line, remove_durably, write_atomic};
+use crate::store::state::{StoredIdentity, one_line, remove_durably, write_atomic};
 
 const VERSION: i64 = 1;
 const PREFIX: &str = "journal-";

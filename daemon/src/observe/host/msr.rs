@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use crate::sysfs::SysfsRoot;
+use crate::kernel::sysfs::SysfsRoot;
 
 /// IA32_FEATURE_CONTROL (Intel): bit 0 lock, bit 2 VMX outside SMX.
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;

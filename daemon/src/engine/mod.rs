@@ -19,16 +19,18 @@ use passthroughd_proto::{
 };
 use tracing::{debug, info, warn};
 
-use crate::binder::{Binder, DEFAULT_WRITE_TIMEOUT, VFIO_PCI};
 use crate::error::Error;
-use crate::guard::{AddressProvider, HostSnapshot, Severity, StaticAddresses, SystemAddresses};
-use crate::journal::{self, Intent, IntentFunction, JournalEntry, Operation};
 use crate::kernel::Kernel;
-use crate::state::{State, StoredAssignment, StoredIdentity};
-use crate::sysfs::read_link_name;
+use crate::kernel::driver::{Binder, DEFAULT_WRITE_TIMEOUT, VFIO_PCI};
+use crate::kernel::sysfs::read_link_name;
+use crate::observe::guard::{
+    AddressProvider, HostSnapshot, Severity, StaticAddresses, SystemAddresses,
+};
+use crate::store::journal::{self, Intent, IntentFunction, JournalEntry, Operation};
+use crate::store::state::{State, StoredAssignment, StoredIdentity};
 use crate::{Inventory, PciIds, SysfsRoot};
 
-#[path = "sriov.rs"]
+#[path = "sriov_old.rs"]
 mod sriov;
 pub use sriov::DEFAULT_VF_WAIT;
 
@@ -418,7 +420,7 @@ impl Manager {
     /// The host capability report of the root this engine reads (the daemon's `--sysfs-root`),
     /// MSRs through that root's dev/cpu/0/msr. Takes no lock: never waits for a bind.
     pub fn host_report(&self) -> HostReport {
-        crate::host::report_live(&self.config.root, &self.config.ids)
+        crate::observe::host::report_live(&self.config.root, &self.config.ids)
     }
 
     fn note_error(&self, line: &str) {
@@ -625,7 +627,7 @@ impl Manager {
                 // apply: nothing will be unbound.
                 continue;
             }
-            crate::guard::decide(f.address, &snapshot.check(f), options.force)?;
+            crate::observe::guard::decide(f.address, &snapshot.check(f), options.force)?;
             to_move.push(f);
         }
 
@@ -852,7 +854,7 @@ impl Manager {
         );
         for f in &functions {
             if let Some(finding) = snapshot.check_in_use(f) {
-                crate::guard::decide(f.address, &[finding], false)?;
+                crate::observe::guard::decide(f.address, &[finding], false)?;
             }
         }
         let previous = |a: PciAddress| records.get(&a).and_then(|r| r.previous_driver.clone());

@@ -16,8 +16,8 @@ use zbus::names::{BusName, UniqueName};
 use zbus::proxy::CacheProperties;
 use zbus::zvariant::Value;
 
+use crate::engine::Caller;
 use crate::error::Error;
-use crate::manager::Caller;
 
 /// polkit's authority, reduced to the one call we make.
 #[zbus::proxy(

@@ -1,10 +1,10 @@
 //! Writes the synthetic 4,096-function host into an empty directory, for trying the daemon and
-//! CLI on a large tree: `cargo run --example synthetic_host -- DIR`.
+//! CLI on a large tree: `cargo run -p passthroughd-testkit --example synthetic_host -- DIR`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use passthroughd::synthetic::{self, HostShape};
+use passthroughd_testkit::synthetic::{self, HostShape};
 
 fn main() -> ExitCode {
     let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {

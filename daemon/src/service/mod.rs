@@ -1,9 +1,11 @@
 //! The D-Bus face of the engine: `org.passthroughd.Passthrough1.Manager` at
 //! `/org/passthroughd/Passthrough1`.
 //!
-//! Each method parses its arguments, authorizes mutations ([`crate::authz`]), then runs the
+//! Each method parses its arguments, authorizes mutations ([`crate::service::authz`]), then runs the
 //! engine on a blocking thread with a time limit, so a stuck sysfs write never stalls the
 //! dispatch of other calls. Engine errors become D-Bus error names here, and only here.
+
+pub mod authz;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,9 +24,9 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
 use crate::Inventory;
-use crate::authz::Authorizer;
+use crate::engine::{Caller, Manager};
 use crate::error::Error;
-use crate::manager::{Caller, Manager};
+use authz::Authorizer;
 
 /// What the service needs from the engine. [`Manager`] is the real one; tests of the D-Bus layer
 /// can put a scripted one behind the same interface.

@@ -12,9 +12,9 @@
 //! never the VFs' own addresses.
 
 use super::*;
-use crate::journal::VfIntent;
-use crate::state::StoredVfs;
-use crate::sysfs::read_attr;
+use crate::kernel::sysfs::read_attr;
+use crate::store::journal::VfIntent;
+use crate::store::state::StoredVfs;
 use passthroughd_proto::VfInfo;
 
 /// How long `vf create` waits for the kernel to show the new VFs.
@@ -490,7 +490,7 @@ impl Manager {
         loop {
             let mut found = Vec::with_capacity(count as usize);
             for index in 0..count {
-                let vf = crate::sysfs::read_virtfn(&self.config.root, pf, index)
+                let vf = crate::kernel::sysfs::read_virtfn(&self.config.root, pf, index)
                     .ok()
                     .flatten()
                     .filter(|a| self.binder.exists(*a));

@@ -6,6 +6,10 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::process::Command;
 
+pub mod driver;
+pub mod sysfs;
+pub mod uevents;
+
 /// Modules the daemon may load. A caller never chooses what gets modprobed: the engine asks
 /// for one of these constants, and anything else is refused here as well.
 pub const MODULE_ALLOWLIST: &[&str] = &["vfio-pci", "pci-stub"];

@@ -20,8 +20,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 use passthroughd_proto::PciAddress;
 
-use crate::kernel::{Kernel, check_module};
-use crate::sysfs::{SysfsRoot, parse_hex, read_attr, read_link_name};
+use passthroughd::kernel::sysfs::{SysfsRoot, parse_hex, read_attr, read_link_name};
+use passthroughd::kernel::{Kernel, check_module};
 
 /// The kinds of write the simulated kernel understands, for fault injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -3,9 +3,9 @@
 use passthroughd_proto::host::{Check, SriovDevice, Verdict};
 
 use super::{check, shown};
-use crate::inventory::Inventory;
-use crate::pciids::PciIds;
-use crate::sysfs::SysfsRoot;
+use crate::kernel::sysfs::SysfsRoot;
+use crate::observe::inventory::Inventory;
+use crate::observe::pciids::PciIds;
 
 pub fn devices(root: &SysfsRoot, ids: &PciIds, out: &mut Vec<Check>) -> Vec<SriovDevice> {
     let devices_shown = shown(root, &root.pci_devices_dir());

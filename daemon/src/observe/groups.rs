@@ -10,7 +10,7 @@ use passthroughd_proto::device::driver_is_vfio_safe;
 use passthroughd_proto::{GroupBlocker, IommuGroup, PciAddress, PciFunction};
 use tracing::warn;
 
-use crate::sysfs::{ReadError, SysfsRoot, read_attr, read_link_name};
+use crate::kernel::sysfs::{ReadError, SysfsRoot, read_attr, read_link_name};
 
 /// Reads every group under `sys/kernel/iommu_groups`, judging viability from the drivers in
 /// `functions` (read in the same scan). Empty when the IOMMU is off.

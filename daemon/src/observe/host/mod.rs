@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use passthroughd_proto::host::{self as wire, Check, HostReport, Verdict};
 use tracing::debug;
 
-use crate::pciids::PciIds;
-use crate::sysfs::{SysfsRoot, read_attr};
+use crate::kernel::sysfs::{SysfsRoot, read_attr};
+use crate::observe::pciids::PciIds;
 
 pub use msr::{DevCpuMsr, FixedMsrs, MsrSource};
 

@@ -23,7 +23,7 @@ use passthroughd_proto::{Change, PciAddress, PciFunction};
 
 use crate::error::Error;
 use crate::kernel::Kernel;
-use crate::sysfs::{SysfsRoot, read_link_name};
+use crate::kernel::sysfs::{SysfsRoot, read_link_name};
 
 pub const VFIO_PCI: &str = "vfio-pci";
 /// The module that provides [`VFIO_PCI`], as `sys/module` names it.

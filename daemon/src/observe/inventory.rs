@@ -7,9 +7,11 @@ use std::thread;
 use passthroughd_proto::{IommuGroup, PciAddress, PciFunction, SriovPf, VfOf};
 use tracing::{debug, warn};
 
-use crate::groups;
-use crate::pciids::PciIds;
-use crate::sysfs::{ReadError, SysfsRoot, parse_hex, read_attr, read_link_name, read_virtfn};
+use crate::kernel::sysfs::{
+    ReadError, SysfsRoot, parse_hex, read_attr, read_link_name, read_virtfn,
+};
+use crate::observe::groups;
+use crate::observe::pciids::PciIds;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {

@@ -21,7 +21,7 @@ use passthroughd_proto::device::driver_is_vfio;
 use passthroughd_proto::{PciAddress, PciFunction};
 
 use crate::error::Error;
-use crate::sysfs::{SysfsRoot, pci_path_components, read_attr, read_link_name};
+use crate::kernel::sysfs::{SysfsRoot, pci_path_components, read_attr, read_link_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {

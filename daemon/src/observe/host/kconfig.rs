@@ -11,7 +11,7 @@ use passthroughd_proto::host::{Check, Verdict};
 
 use super::iommu::{Table, tables};
 use super::{Probe, Vendor, check};
-use crate::sysfs::SysfsRoot;
+use crate::kernel::sysfs::SysfsRoot;
 
 /// `CONFIG_X=value` pairs, keyed without the `CONFIG_` prefix.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,5 @@
+//! What the daemon keeps on disk: state.toml (assignments that outlive it) and the journal
+//! (the plan in flight), both written atomically.
+
+pub mod journal;
+pub mod state;
