@@ -3,6 +3,7 @@
 //! proxy with its error names, and the human tables both print. No sysfs, no runtime of its own.
 
 pub mod address;
+pub mod config;
 pub mod dbus;
 pub mod device;
 pub mod ops;
