@@ -43,6 +43,23 @@ fn cpu_lacks(probe: &Probe, param: &str) -> bool {
     !probe.has_flag(flag) && !vmx_flags.split_whitespace().any(|f| f == flag)
 }
 
+/// The first failed CPU check (no extension, or the firmware disabled it): the vendor module
+/// cannot load until it is fixed, so module advice points there instead.
+fn cpu_blocker(out: &[Check]) -> Option<&Check> {
+    out.iter().find(|c| {
+        matches!(c.id.as_str(), "cpu.virt_extension" | "cpu.firmware_enabled")
+            && c.verdict == Verdict::Fail
+    })
+}
+
+/// "first fix ID: FIX; THEN", for a check blocked by `blocker`.
+fn after(blocker: &Check, then: &str) -> String {
+    match &blocker.fix {
+        Some(fix) => format!("first fix {}: {fix}; {then}", blocker.id),
+        None => format!("first fix {}; {then}", blocker.id),
+    }
+}
+
 pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
     let kvm = probe.module("kvm", "KVM");
     let intel = probe.module("kvm_intel", "KVM_INTEL");
@@ -78,6 +95,7 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
         }
     );
     let modprobe = vendor_mod.replace('_', "-");
+    let blocker = cpu_blocker(out).cloned();
     out.push(match (kvm.present(), vendor_state.present()) {
         (true, true) => check(
             "kvm.modules",
@@ -98,18 +116,24 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
             None,
         ),
         _ => {
-            let fix = if probe.virt_extension().is_none() {
-                "load it once the CPU has vmx/svm (see cpu.virt_extension)".to_owned()
-            } else {
-                format!("modprobe {modprobe}; to load it at boot: echo {vendor_mod} > /etc/modules-load.d/kvm.conf")
+            let (summary, fix) = match &blocker {
+                // modprobe would fail ("disabled by bios", "not supported by CPU").
+                Some(b) => (
+                    format!(
+                        "{vendor_mod} is not loaded: it cannot load while {} fails",
+                        b.id
+                    ),
+                    after(b, &format!("{vendor_mod} cannot load before that")),
+                ),
+                None => (
+                    format!("{vendor_mod} is not loaded"),
+                    format!(
+                        "modprobe {modprobe}; to load it at boot: echo {vendor_mod} > \
+                         /etc/modules-load.d/kvm.conf"
+                    ),
+                ),
             };
-            check(
-                "kvm.modules",
-                Verdict::Fail,
-                format!("{vendor_mod} is not loaded"),
-                evidence,
-                Some(fix),
-            )
+            check("kvm.modules", Verdict::Fail, summary, evidence, Some(fix))
         }
     });
 
@@ -131,18 +155,32 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
             format!("open {dev_shown} read-write: {e}"),
             Some("run as root, or add the user to the kvm group".to_owned()),
         ),
-        Err(e) => check(
+        // /dev/kvm is registered by kvm_init(), which kvm_intel/kvm_amd call when they load:
+        // with only kvm loaded it cannot exist, whatever udev does.
+        Err(e) if vendor_state.present() || !others.is_empty() => check(
             "kvm.dev_kvm",
             Verdict::Fail,
             format!("{dev_shown} missing"),
             format!("open {dev_shown}: {e}"),
-            Some(if probe.virt_extension().is_none() && !kvm.present() {
-                "KVM needs vmx/svm first (see cpu.virt_extension)".to_owned()
-            } else if kvm.present() {
+            Some(
                 "udev did not create it: udevadm trigger, or check that kvm loaded without errors"
-                    .to_owned()
-            } else {
-                format!("modprobe {modprobe} (creates {dev_shown})")
+                    .to_owned(),
+            ),
+        ),
+        Err(e) => check(
+            "kvm.dev_kvm",
+            Verdict::Fail,
+            format!("{dev_shown} missing: {vendor_mod}, which creates it, is not loaded"),
+            format!(
+                "open {dev_shown}: {e}; {vendor_mod} {}",
+                vendor_state.word()
+            ),
+            Some(match &blocker {
+                Some(b) => after(b, &format!("{dev_shown} appears when {vendor_mod} loads")),
+                None if kvm.present() => format!(
+                    "modprobe {modprobe} ({vendor_mod} creates {dev_shown}; kvm alone does not)"
+                ),
+                None => format!("modprobe {modprobe} (creates {dev_shown})"),
             }),
         ),
     });

@@ -13,9 +13,11 @@ use std::path::PathBuf;
 
 use crate::sysfs::SysfsRoot;
 
-/// IA32_FEATURE_CONTROL (Intel): bit 0 lock, bit 2 VMX outside SMX.
+/// IA32_FEATURE_CONTROL (Intel): bit 0 lock, bit 1 VMX inside SMX (TXT measured launch), bit 2
+/// VMX outside SMX.
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
 pub const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
+pub const FEATURE_CONTROL_VMX_INSIDE_SMX: u64 = 1 << 1;
 pub const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 /// VM_CR (AMD): bit 4 SVMDIS, set by firmware that disabled SVM.
 pub const VM_CR: u32 = 0xc001_0114;
