@@ -563,3 +563,72 @@ fn a_kernel_without_kvm_intel_does_not_blame_the_bios() {
     }
     assert_eq!(verdict(&r, "kconfig.kvm_intel"), Verdict::Fail);
 }
+
+/// Item 5: the kernel forces enable_apicv off when the CPU lacks APICv; the option does nothing.
+#[test]
+fn apicv_missing_from_the_cpu_gets_no_module_option() {
+    let r = report("intel-no-apicv");
+    let c = r.check("kvm.apicv").unwrap();
+    assert_eq!((c.verdict, c.fix.as_deref()), (Verdict::Warn, None));
+    assert_eq!(
+        c.summary,
+        "APICv (virtual interrupts) off: this CPU does not have it"
+    );
+    assert!(
+        c.evidence.contains("vmx flags: no apicv")
+            && c.evidence.contains("lacks vapic_reg, vid, posted_intr"),
+        "{c:?}"
+    );
+    assert_all(
+        &r,
+        &["kvm.ept", "kvm.vpid", "kvm.nested", "kvm.shadow_vmcs"],
+        Verdict::Pass,
+    );
+    assert_eq!(r.overall.first_check.as_deref(), Some("kvm.apicv"));
+    assert_eq!(r.overall.first_fix, None);
+}
+
+/// Item 5 before 5.8 (no `vmx flags` line): the VMX capability MSRs decide, for APICv and for
+/// shadow VMCS alike; cpuinfo's silence is no evidence.
+#[test]
+fn vmx_capability_msrs_decide_support_where_cpuinfo_has_no_vmx_flags() {
+    let r = report("intel-5.4-vmx-capability-msrs");
+    let apicv = r.check("kvm.apicv").unwrap();
+    assert_eq!((apicv.verdict, apicv.fix.as_deref()), (Verdict::Warn, None));
+    assert!(
+        apicv.summary.ends_with("this CPU does not have it"),
+        "{apicv:?}"
+    );
+    assert!(
+        apicv.evidence.contains("MSR 0x48b")
+            && apicv.evidence.contains("lacks")
+            && apicv.evidence.contains("posted interrupts"),
+        "{apicv:?}"
+    );
+    // Shadow VMCS: the CPU has it (IA32_VMX_PROCBASED_CTLS2 bit 46), so the option is the fix.
+    assert_eq!(
+        v(&r, "kvm.shadow_vmcs"),
+        (
+            Verdict::Warn,
+            Some("options kvm-intel enable_shadow_vmcs=1 in /etc/modprobe.d/kvm.conf, then reload kvm_intel (modprobe -r kvm_intel; modprobe kvm_intel)".to_owned())
+        )
+    );
+}
+
+/// Item 5 without evidence: say that support cannot be told, and how to tell.
+#[test]
+fn feature_support_without_evidence_says_it_cannot_tell() {
+    let r = report("intel-5.4-apicv-off-no-msr");
+    let c = r.check("kvm.apicv").unwrap();
+    assert_eq!(c.verdict, Verdict::Warn);
+    assert_eq!(
+        c.summary,
+        "APICv (virtual interrupts) off; cannot tell whether this CPU has it"
+    );
+    assert!(c.evidence.contains("no 'vmx flags'"), "{c:?}");
+    let f = c.fix.clone().unwrap();
+    assert!(
+        f.starts_with("modprobe msr and run this again as root"),
+        "{f}"
+    );
+}

@@ -191,6 +191,14 @@ impl<'a> Probe<'a> {
         self.flags.contains(flag)
     }
 
+    /// The words of cpuinfo's `vmx flags` line (Intel, kernels since 5.8 with VMX enabled);
+    /// `None` when there is no such line.
+    pub fn vmx_flags(&self) -> Option<BTreeSet<&str>> {
+        self.cpuinfo
+            .get("vmx flags")
+            .map(|f| f.split_whitespace().collect())
+    }
+
     /// (major, minor) of the running kernel, from its release (`6.12.0-1-amd64` → (6, 12)).
     pub fn kernel_version(&self) -> Option<(u32, u32)> {
         let release = self.kernel_release.as_deref()?;
