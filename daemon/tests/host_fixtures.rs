@@ -632,3 +632,25 @@ fn feature_support_without_evidence_says_it_cannot_tell() {
         "{f}"
     );
 }
+
+/// Item 6: a 1G pool is usable only through a hugetlbfs mount with pagesize=1G.
+#[test]
+fn a_1g_pool_without_a_1g_hugetlbfs_mount_warns() {
+    let r = report("hugepages-1g-mount-2m-only");
+    let c = r.check("memory.hugetlbfs").unwrap();
+    assert_eq!(c.verdict, Verdict::Warn);
+    assert_eq!(
+        c.summary,
+        "1G hugepages are reserved (4) but no hugetlbfs mount has pagesize=1G: QEMU and libvirt cannot use them"
+    );
+    assert!(c.evidence.contains("/dev/hugepages pagesize 2M"), "{c:?}");
+    let f = c.fix.clone().unwrap();
+    assert!(
+        f.contains("mount -t hugetlbfs -o pagesize=1G")
+            && f.contains("fstab")
+            && f.contains("systemd mount unit"),
+        "{f}"
+    );
+    assert!(r.overall.ready);
+    assert_eq!(r.overall.first_check.as_deref(), Some("memory.hugetlbfs"));
+}
