@@ -47,7 +47,16 @@ fn assert_all(report: &HostReport, ids: &[&str], want: Verdict) {
     }
 }
 
-const FIRMWARE_VTX: &str = "enable VT-x (Intel Virtualization Technology) in the firmware setup";
+const FIRMWARE_VTX: &str =
+    "enable VT-x in the BIOS/UEFI setup (often called Intel Virtualization Technology or VT-x)";
+const FIRMWARE_SVM: &str = "enable AMD-V in the BIOS/UEFI setup (often called SVM Mode or AMD-V)";
+
+/// The fix of `id`, which must have one.
+fn fix(report: &HostReport, id: &str) -> String {
+    v(report, id)
+        .1
+        .unwrap_or_else(|| panic!("{id} has no fix: {:#?}", report.check(id)))
+}
 
 #[test]
 fn intel_all_on_is_ready_with_nothing_to_fix() {
@@ -69,6 +78,11 @@ fn intel_all_on_is_ready_with_nothing_to_fix() {
     assert!(
         fw.evidence.contains("0x3a") && fw.evidence.contains("lock 1, VMX outside SMX 1"),
         "{fw:?}"
+    );
+    // Since 5.6 the kernel locks the register at boot itself: "by the firmware" is not known.
+    assert_eq!(
+        fw.summary,
+        "enabled: locked with VMX on (by the firmware, or by the kernel at boot; the two cannot be told apart)"
     );
     assert_all(
         &r,
@@ -401,4 +415,242 @@ fn iommu_facts_give_scripts_numbers() {
         (off.iommu.group_count, off.iommu.interrupt_remapping),
         (0, Some(false))
     );
+}
+
+// Issue 17: advice that was wrong on real hosts. Each test below failed before its fix.
+
+/// Item 1: the fix names the place a user looks, the BIOS/UEFI setup and the setting's names.
+#[test]
+fn amd_svm_disabled_by_firmware_names_the_bios_setting() {
+    let r = report("amd-svm-disabled-by-firmware");
+    let fw = r.check("cpu.firmware_enabled").unwrap();
+    assert_eq!(
+        (fw.verdict, fw.fix.as_deref()),
+        (Verdict::Fail, Some(FIRMWARE_SVM))
+    );
+    assert!(fw.evidence.contains("= 0x18: SVMDIS 1"), "{fw:?}");
+    // The kernel clears svm from cpuinfo when SVMDIS is set (arch/x86/kernel/cpu/amd.c).
+    assert_eq!(
+        v(&r, "cpu.virt_extension"),
+        (Verdict::Fail, Some(FIRMWARE_SVM.to_owned()))
+    );
+    assert_eq!(r.overall.first_fix.as_deref(), Some(FIRMWARE_SVM));
+    // kvm stays loaded, kvm_amd refused: neither modprobe nor udev can help.
+    for id in ["kvm.modules", "kvm.dev_kvm"] {
+        let f = fix(&r, id);
+        assert!(
+            f.contains("cpu.virt_extension") && f.contains(FIRMWARE_SVM),
+            "{id}: {f}"
+        );
+        assert!(!f.contains("modprobe") && !f.contains("udev"), "{id}: {f}");
+    }
+}
+
+/// Item 2: /dev/kvm is created by kvm_intel/kvm_amd (kvm_init), so with only kvm loaded the
+/// cause is whatever keeps the vendor module out, not udev.
+#[test]
+fn dev_kvm_missing_because_the_vendor_module_refused_points_at_the_firmware() {
+    let r = report("intel-vtx-off-kvm-loaded");
+    let (dev, dev_fix) = v(&r, "kvm.dev_kvm");
+    assert_eq!(dev, Verdict::Fail);
+    let dev_fix = dev_fix.unwrap();
+    assert!(!dev_fix.contains("udev"), "{dev_fix}");
+    assert!(
+        dev_fix.starts_with("first fix cpu.virt_extension: ") && dev_fix.contains(FIRMWARE_VTX),
+        "{dev_fix}"
+    );
+    assert!(
+        r.check("kvm.dev_kvm")
+            .unwrap()
+            .summary
+            .contains("kvm_intel, which creates it, is not loaded")
+    );
+    assert_eq!(
+        v(&r, "cpu.firmware_enabled"),
+        (Verdict::Fail, Some(FIRMWARE_VTX.to_owned()))
+    );
+}
+
+/// Item 2, the other first cause: the vendor module is simply not loaded.
+#[test]
+fn dev_kvm_missing_with_only_kvm_loaded_says_modprobe_the_vendor_module() {
+    let r = report("kvm-without-kvm-intel");
+    assert_eq!(
+        v(&r, "kvm.dev_kvm"),
+        (
+            Verdict::Fail,
+            Some("modprobe kvm-intel (kvm_intel creates /dev/kvm; kvm alone does not)".to_owned())
+        )
+    );
+    assert_eq!(verdict(&r, "cpu.firmware_enabled"), Verdict::Pass);
+    assert!(fix(&r, "kvm.modules").starts_with("modprobe kvm-intel;"));
+}
+
+/// Item 3: before 5.6 the kernel keeps vmx in cpuinfo when the firmware locked VMX off, so only
+/// the MSR shows it; `modprobe kvm-intel` would fail with "disabled by bios".
+#[test]
+fn firmware_disabled_vtx_on_a_pre_5_6_kernel_gives_no_modprobe_fix() {
+    let r = report("intel-vtx-disabled-kernel-5.4");
+    assert_eq!(verdict(&r, "cpu.virt_extension"), Verdict::Pass);
+    assert_eq!(
+        v(&r, "cpu.firmware_enabled"),
+        (Verdict::Fail, Some(FIRMWARE_VTX.to_owned()))
+    );
+    for id in ["kvm.modules", "kvm.dev_kvm"] {
+        let f = fix(&r, id);
+        assert!(!f.contains("modprobe"), "{id}: {f}");
+        assert!(
+            f.starts_with("first fix cpu.firmware_enabled: ") && f.contains(FIRMWARE_VTX),
+            "{id}: {f}"
+        );
+    }
+    assert_eq!(
+        r.overall.first_check.as_deref(),
+        Some("cpu.firmware_enabled")
+    );
+}
+
+/// Item 4: value 0 (unlocked, kernels before 5.6) is not "enabled by the firmware".
+#[test]
+fn unlocked_feature_control_is_not_called_enabled_by_the_firmware() {
+    let r = report("intel-feature-control-unlocked-4.19");
+    let fw = r.check("cpu.firmware_enabled").unwrap();
+    assert_eq!((fw.verdict, fw.fix.as_deref()), (Verdict::Pass, None));
+    assert!(!fw.summary.contains("enabled by the firmware"), "{fw:?}");
+    assert_eq!(
+        fw.summary,
+        "unlocked: the firmware left VMX to the OS, and kvm_intel turns it on and locks the register when it first enables VMX (kernels before 5.6)"
+    );
+    assert!(fw.evidence.contains("= 0x0: lock 0"), "{fw:?}");
+    assert!(fw.evidence.contains("kernel 4.19.0-test"), "{fw:?}");
+}
+
+/// Item 4: value 3 (VMX only inside SMX) without a measured launch: Linux refuses VMX.
+#[test]
+fn vmx_only_inside_smx_is_a_firmware_failure_without_tboot() {
+    let r = report("intel-vmx-only-inside-smx");
+    let fw = r.check("cpu.firmware_enabled").unwrap();
+    assert_eq!(fw.verdict, Verdict::Fail);
+    assert_eq!(
+        fw.summary,
+        "the firmware enabled VMX only inside SMX (for a TXT measured launch): without tboot Linux refuses VMX"
+    );
+    assert!(
+        fw.evidence
+            .contains("= 0x3: lock 1, VMX outside SMX 0, VMX inside SMX 1"),
+        "{fw:?}"
+    );
+    let f = fw.fix.clone().unwrap();
+    assert!(f.starts_with(FIRMWARE_VTX) && f.contains("tboot"), "{f}");
+    assert_eq!(v(&r, "cpu.virt_extension").1, Some(f));
+}
+
+/// Item 4: since 5.6 a kernel built without KVM_INTEL locks the register with VMX off itself
+/// (arch/x86/kernel/cpu/feat_ctl.c): the BIOS is not the known culprit.
+#[test]
+fn a_kernel_without_kvm_intel_does_not_blame_the_bios() {
+    let r = report("intel-kernel-without-kvm-intel");
+    let fw = r.check("cpu.firmware_enabled").unwrap();
+    assert_eq!(fw.verdict, Verdict::Warn);
+    assert!(!fw.summary.contains("disabled by the firmware"), "{fw:?}");
+    assert!(fw.evidence.contains("CONFIG_KVM_INTEL not set"), "{fw:?}");
+    for id in ["cpu.firmware_enabled", "cpu.virt_extension"] {
+        let f = fix(&r, id);
+        assert!(
+            f.starts_with("boot a kernel built with CONFIG_KVM_INTEL=y or m"),
+            "{id}: {f}"
+        );
+    }
+    assert_eq!(verdict(&r, "kconfig.kvm_intel"), Verdict::Fail);
+}
+
+/// Item 5: the kernel forces enable_apicv off when the CPU lacks APICv; the option does nothing.
+#[test]
+fn apicv_missing_from_the_cpu_gets_no_module_option() {
+    let r = report("intel-no-apicv");
+    let c = r.check("kvm.apicv").unwrap();
+    assert_eq!((c.verdict, c.fix.as_deref()), (Verdict::Warn, None));
+    assert_eq!(
+        c.summary,
+        "APICv (virtual interrupts) off: this CPU does not have it"
+    );
+    assert!(
+        c.evidence.contains("vmx flags: no apicv")
+            && c.evidence.contains("lacks vapic_reg, vid, posted_intr"),
+        "{c:?}"
+    );
+    assert_all(
+        &r,
+        &["kvm.ept", "kvm.vpid", "kvm.nested", "kvm.shadow_vmcs"],
+        Verdict::Pass,
+    );
+    assert_eq!(r.overall.first_check.as_deref(), Some("kvm.apicv"));
+    assert_eq!(r.overall.first_fix, None);
+}
+
+/// Item 5 before 5.8 (no `vmx flags` line): the VMX capability MSRs decide, for APICv and for
+/// shadow VMCS alike; cpuinfo's silence is no evidence.
+#[test]
+fn vmx_capability_msrs_decide_support_where_cpuinfo_has_no_vmx_flags() {
+    let r = report("intel-5.4-vmx-capability-msrs");
+    let apicv = r.check("kvm.apicv").unwrap();
+    assert_eq!((apicv.verdict, apicv.fix.as_deref()), (Verdict::Warn, None));
+    assert!(
+        apicv.summary.ends_with("this CPU does not have it"),
+        "{apicv:?}"
+    );
+    assert!(
+        apicv.evidence.contains("MSR 0x48b")
+            && apicv.evidence.contains("lacks")
+            && apicv.evidence.contains("posted interrupts"),
+        "{apicv:?}"
+    );
+    // Shadow VMCS: the CPU has it (IA32_VMX_PROCBASED_CTLS2 bit 46), so the option is the fix.
+    assert_eq!(
+        v(&r, "kvm.shadow_vmcs"),
+        (
+            Verdict::Warn,
+            Some("options kvm-intel enable_shadow_vmcs=1 in /etc/modprobe.d/kvm.conf, then reload kvm_intel (modprobe -r kvm_intel; modprobe kvm_intel)".to_owned())
+        )
+    );
+}
+
+/// Item 5 without evidence: say that support cannot be told, and how to tell.
+#[test]
+fn feature_support_without_evidence_says_it_cannot_tell() {
+    let r = report("intel-5.4-apicv-off-no-msr");
+    let c = r.check("kvm.apicv").unwrap();
+    assert_eq!(c.verdict, Verdict::Warn);
+    assert_eq!(
+        c.summary,
+        "APICv (virtual interrupts) off; cannot tell whether this CPU has it"
+    );
+    assert!(c.evidence.contains("no 'vmx flags'"), "{c:?}");
+    let f = c.fix.clone().unwrap();
+    assert!(
+        f.starts_with("modprobe msr and run this again as root"),
+        "{f}"
+    );
+}
+
+/// Item 6: a 1G pool is usable only through a hugetlbfs mount with pagesize=1G.
+#[test]
+fn a_1g_pool_without_a_1g_hugetlbfs_mount_warns() {
+    let r = report("hugepages-1g-mount-2m-only");
+    let c = r.check("memory.hugetlbfs").unwrap();
+    assert_eq!(c.verdict, Verdict::Warn);
+    assert_eq!(
+        c.summary,
+        "1G hugepages are reserved (4) but no hugetlbfs mount has pagesize=1G: QEMU and libvirt cannot use them"
+    );
+    assert!(c.evidence.contains("/dev/hugepages pagesize 2M"), "{c:?}");
+    let f = c.fix.clone().unwrap();
+    assert!(
+        f.contains("mount -t hugetlbfs -o pagesize=1G")
+            && f.contains("fstab")
+            && f.contains("systemd mount unit"),
+        "{f}"
+    );
+    assert!(r.overall.ready);
+    assert_eq!(r.overall.first_check.as_deref(), Some("memory.hugetlbfs"));
 }

@@ -4,14 +4,19 @@
 use passthroughd_proto::host::{Check, Verdict};
 
 use super::msr::{
-    FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_OUTSIDE_SMX, IA32_FEATURE_CONTROL, VM_CR,
-    VM_CR_SVMDIS,
+    FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_INSIDE_SMX, FEATURE_CONTROL_VMX_OUTSIDE_SMX,
+    IA32_FEATURE_CONTROL, VM_CR, VM_CR_SVMDIS,
 };
 use super::{Probe, Vendor, check};
 
+/// Where a user turns VT-x on: the setup screen and the names boards give the setting.
 pub const FIX_VTX_FIRMWARE: &str =
-    "enable VT-x (Intel Virtualization Technology) in the firmware setup";
-pub const FIX_SVM_FIRMWARE: &str = "enable SVM (AMD-V) in the firmware setup";
+    "enable VT-x in the BIOS/UEFI setup (often called Intel Virtualization Technology or VT-x)";
+/// The same for AMD-V (SVM).
+pub const FIX_SVM_FIRMWARE: &str =
+    "enable AMD-V in the BIOS/UEFI setup (often called SVM Mode or AMD-V)";
+/// The kernel that locks IA32_FEATURE_CONTROL at boot (arch/x86/kernel/cpu/feat_ctl.c, 5.6).
+const FEAT_CTL_AT_BOOT: (u32, u32) = (5, 6);
 
 /// The virtual platform DMI names, if it names one.
 pub fn dmi_hypervisor(vendor: Option<&str>, product: Option<&str>) -> Option<String> {
@@ -55,21 +60,151 @@ fn nested_fix(probe: &Probe) -> String {
     )
 }
 
-/// What the MSR says about firmware enablement: `Some(Ok(enabled, detail))` or why unread.
-fn firmware_msr(probe: &Probe) -> Option<Result<(bool, String), String>> {
-    match probe.vendor {
-        Vendor::Intel => Some(probe.msr.read(IA32_FEATURE_CONTROL).map(|v| {
-            let lock = v & FEATURE_CONTROL_LOCK != 0;
-            let vmx = v & FEATURE_CONTROL_VMX_OUTSIDE_SMX != 0;
-            let detail = format!(
-                "{} MSR 0x3a (IA32_FEATURE_CONTROL) = {v:#x}: lock {}, VMX outside SMX {}",
-                probe.msr.describe(),
-                u8::from(lock),
-                u8::from(vmx)
+/// What the firmware-control MSR says, judged by the kernel's own rules (docs/host-report.md,
+/// "Firmware enablement"): `Pass` usable, `Fail` the firmware disabled it, `Warn` VMX is locked
+/// off but the kernel itself may have done it.
+#[derive(Debug)]
+struct MsrReading {
+    verdict: Verdict,
+    summary: String,
+    /// The value and what was used to judge it.
+    detail: String,
+    fix: Option<String>,
+}
+
+/// Whether this kernel has KVM_INTEL: kvm_intel present, else its config; `None` when unknown.
+fn has_kvm_intel(probe: &Probe) -> Option<bool> {
+    if probe.module("kvm_intel", "KVM_INTEL").present() {
+        return Some(true);
+    }
+    probe
+        .kconfig
+        .as_ref()
+        .map(|k| matches!(k.get("KVM_INTEL"), Some("y" | "m")))
+}
+
+/// IA32_FEATURE_CONTROL by the rules of feat_ctl.c (5.6+: the kernel locks the register at boot,
+/// setting VMX only when built with KVM_INTEL, and clears cpuinfo's vmx when VMX is not enabled
+/// for the launch mode) and of kvm_intel before 5.6 (it sets VMX and locks the register when it
+/// first enables VMX; it refuses VMX-inside-SMX-only without tboot).
+fn intel_feature_control(probe: &Probe, v: u64) -> MsrReading {
+    let lock = v & FEATURE_CONTROL_LOCK != 0;
+    let outside = v & FEATURE_CONTROL_VMX_OUTSIDE_SMX != 0;
+    let inside = v & FEATURE_CONTROL_VMX_INSIDE_SMX != 0;
+    let version = probe.kernel_version();
+    // An unknown release is judged as a current kernel.
+    let locks_at_boot = version.is_none_or(|v| v >= FEAT_CTL_AT_BOOT);
+    let kvm_intel = has_kvm_intel(probe);
+    let config = if probe.module("kvm_intel", "KVM_INTEL").present() {
+        "kvm_intel present".to_owned()
+    } else if let Some(k) = &probe.kconfig {
+        format!(
+            "{}: CONFIG_KVM_INTEL{}",
+            probe.show(&k.source),
+            k.get("KVM_INTEL")
+                .map_or_else(|| " not set".to_owned(), |v| format!("={v}"))
+        )
+    } else {
+        "kernel config not found".to_owned()
+    };
+    let detail = format!(
+        "{} MSR 0x3a (IA32_FEATURE_CONTROL) = {v:#x}: lock {}, VMX outside SMX {}, VMX inside SMX {}; \
+         kernel {}, {config}",
+        probe.msr.describe(),
+        u8::from(lock),
+        u8::from(outside),
+        u8::from(inside),
+        probe.kernel_release.as_deref().unwrap_or("release unknown"),
+    );
+    let reading = |verdict, summary: &str, fix: Option<String>| MsrReading {
+        verdict,
+        summary: summary.to_owned(),
+        detail: detail.clone(),
+        fix,
+    };
+    if !lock {
+        return if locks_at_boot {
+            reading(
+                Verdict::Pass,
+                "unlocked: the firmware left VMX to the OS, and the kernel turns it on and locks \
+                 the register itself",
+                None,
+            )
+        } else {
+            reading(
+                Verdict::Pass,
+                "unlocked: the firmware left VMX to the OS, and kvm_intel turns it on and locks the \
+                 register when it first enables VMX (kernels before 5.6)",
+                None,
+            )
+        };
+    }
+    if outside {
+        return reading(
+            Verdict::Pass,
+            if locks_at_boot {
+                "enabled: locked with VMX on (by the firmware, or by the kernel at boot; the two \
+                 cannot be told apart)"
+            } else {
+                "enabled: locked with VMX on (by the firmware, or by kvm_intel; the two cannot be \
+                 told apart)"
+            },
+            None,
+        );
+    }
+    if inside {
+        // Linux enables VMX inside SMX only under tboot; a 5.6+ kernel that kept vmx accepted it.
+        if version.is_some_and(|v| v >= FEAT_CTL_AT_BOOT) && probe.has_flag("vmx") {
+            return reading(
+                Verdict::Pass,
+                "enabled for a measured launch: VMX only inside SMX, which the kernel accepted \
+                 (booted through tboot)",
+                None,
             );
-            // Unlocked: the kernel sets VMX and locks the register itself at boot.
-            (!lock || vmx, detail)
-        })),
+        }
+        return reading(
+            Verdict::Fail,
+            "the firmware enabled VMX only inside SMX (for a TXT measured launch): without tboot \
+             Linux refuses VMX",
+            Some(format!(
+                "{FIX_VTX_FIRMWARE}, or boot through tboot (TXT measured launch)"
+            )),
+        );
+    }
+    if locks_at_boot && kvm_intel == Some(false) {
+        return reading(
+            Verdict::Warn,
+            "locked with VMX off, maybe by this kernel: built without KVM_INTEL, it locks the \
+             register that way at boot when the firmware left it unlocked",
+            Some(format!(
+                "boot a kernel built with CONFIG_KVM_INTEL=y or m (see kconfig.kvm_intel); if VMX \
+                 is still locked off there, {FIX_VTX_FIRMWARE}"
+            )),
+        );
+    }
+    reading(
+        Verdict::Fail,
+        if locks_at_boot && kvm_intel.is_none() {
+            "disabled by the firmware (unless this kernel lacks KVM_INTEL: its config was not found)"
+        } else {
+            "disabled by the firmware"
+        },
+        Some(FIX_VTX_FIRMWARE.to_owned()),
+    )
+}
+
+/// What the MSR says about firmware enablement, or why it could not be read; `None` for an
+/// unknown vendor.
+fn firmware_msr(probe: &Probe) -> Option<Result<MsrReading, String>> {
+    match probe.vendor {
+        Vendor::Intel => Some(
+            probe
+                .msr
+                .read(IA32_FEATURE_CONTROL)
+                .map(|v| intel_feature_control(probe, v)),
+        ),
+        // Only the firmware sets SVMDIS; the kernel then clears svm from cpuinfo
+        // (arch/x86/kernel/cpu/amd.c) and kvm_amd refuses to load.
         Vendor::Amd => Some(probe.msr.read(VM_CR).map(|v| {
             let disabled = v & VM_CR_SVMDIS != 0;
             let detail = format!(
@@ -77,7 +212,21 @@ fn firmware_msr(probe: &Probe) -> Option<Result<(bool, String), String>> {
                 probe.msr.describe(),
                 u8::from(disabled)
             );
-            (!disabled, detail)
+            if disabled {
+                MsrReading {
+                    verdict: Verdict::Fail,
+                    summary: "disabled by the firmware".to_owned(),
+                    detail,
+                    fix: Some(FIX_SVM_FIRMWARE.to_owned()),
+                }
+            } else {
+                MsrReading {
+                    verdict: Verdict::Pass,
+                    summary: "enabled by the firmware (VM_CR.SVMDIS clear)".to_owned(),
+                    detail,
+                    fix: None,
+                }
+            }
         })),
         Vendor::Other => None,
     }
@@ -124,21 +273,32 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
             Some(nested_fix(probe)),
         ),
         None => {
-            let (summary, evidence) = match &msr {
-                Some(Ok((false, detail))) => (
+            let no_flag = flags_evidence("neither vmx nor svm");
+            let generic_fix = match probe.vendor {
+                Vendor::Other => None,
+                _ => Some(firmware_fix.to_owned()),
+            };
+            let (summary, evidence, fix) = match &msr {
+                // The kernel hides vmx/svm when VMX/SVM is not enabled for it; the MSR says who.
+                Some(Ok(r)) if r.verdict == Verdict::Fail => (
                     "the firmware disabled the virtualization extension".to_owned(),
-                    format!("{}; {detail}", flags_evidence("neither vmx nor svm")),
+                    format!("{no_flag}; {}", r.detail),
+                    r.fix.clone(),
+                ),
+                Some(Ok(r)) if r.verdict == Verdict::Warn => (
+                    "no vmx: VMX is locked off, and this kernel may have done it itself (see \
+                     cpu.firmware_enabled)"
+                        .to_owned(),
+                    format!("{no_flag}; {}", r.detail),
+                    r.fix.clone(),
                 ),
                 _ => (
-                    "no vmx or svm: disabled in the firmware (the kernel hides vmx when the \
+                    "no vmx or svm: disabled in the firmware (the kernel hides vmx/svm when the \
                      firmware locked it off) or not supported by this CPU"
                         .to_owned(),
                     flags_evidence("neither vmx nor svm; no hypervisor flag"),
+                    generic_fix,
                 ),
-            };
-            let fix = match probe.vendor {
-                Vendor::Other => None,
-                _ => Some(firmware_fix.to_owned()),
             };
             check("cpu.virt_extension", Verdict::Fail, summary, evidence, fix)
         }
@@ -162,31 +322,31 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) {
             ),
             None,
         ),
-        (Some(Ok((true, detail))), _) => check(
+        (Some(Ok(r)), _) if r.verdict == Verdict::Pass => check(
             "cpu.firmware_enabled",
             Verdict::Pass,
-            "enabled by the firmware",
-            detail.clone(),
+            r.summary.clone(),
+            r.detail.clone(),
             None,
         ),
         // A guest's MSR is whatever the hypervisor emulates; only a bare-metal firmware can
         // be "set up".
-        (Some(Ok((false, detail))), _) if guest => check(
+        (Some(Ok(r)), _) if guest => check(
             "cpu.firmware_enabled",
             Verdict::Fail,
             format!(
                 "the hypervisor ({}) reports virtualization disabled to this guest",
                 probe.hypervisor_name()
             ),
-            detail.clone(),
+            r.detail.clone(),
             Some(nested_fix(probe)),
         ),
-        (Some(Ok((false, detail))), _) => check(
+        (Some(Ok(r)), _) => check(
             "cpu.firmware_enabled",
-            Verdict::Fail,
-            "disabled by the firmware",
-            detail.clone(),
-            Some(firmware_fix.to_owned()),
+            r.verdict,
+            r.summary.clone(),
+            r.detail.clone(),
+            r.fix.clone(),
         ),
         (Some(Err(why)), None) => check(
             "cpu.firmware_enabled",
@@ -260,5 +420,60 @@ mod tests {
             None
         );
         assert_eq!(dmi_hypervisor(None, None), None);
+    }
+
+    /// A root with only cpuinfo (vmx listed or not) and the kernel release.
+    fn root(release: &str, vmx: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("proc/sys/kernel")).unwrap();
+        std::fs::write(
+            dir.path().join("proc/cpuinfo"),
+            format!(
+                "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu msr {}lm\n",
+                if vmx { "vmx " } else { "" }
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("proc/sys/kernel/osrelease"), release).unwrap();
+        dir
+    }
+
+    fn feature_control(release: &str, vmx: bool, value: u64) -> MsrReading {
+        let dir = root(release, vmx);
+        let sysfs = crate::sysfs::SysfsRoot::new(dir.path());
+        let msr = crate::host::FixedMsrs::new("msr", [(IA32_FEATURE_CONTROL, value)]);
+        let probe = Probe::read(&sysfs, &msr);
+        intel_feature_control(&probe, value)
+    }
+
+    #[test]
+    fn vmx_inside_smx_only_passes_where_the_kernel_kept_vmx() {
+        // 5.6+: the kernel clears vmx unless VMX is enabled for the launch mode, so a kept vmx
+        // with only the inside-SMX bit means a tboot launch.
+        let tboot = feature_control("6.12.0", true, 0x3);
+        assert_eq!(tboot.verdict, Verdict::Pass, "{tboot:?}");
+        assert!(tboot.summary.contains("tboot"), "{tboot:?}");
+        // Before 5.6 cpuinfo keeps vmx regardless: no evidence of tboot.
+        let old = feature_control("5.4.0", true, 0x3);
+        assert_eq!(old.verdict, Verdict::Fail, "{old:?}");
+        assert!(old.fix.unwrap().contains("tboot"));
+    }
+
+    #[test]
+    fn locked_without_vmx_and_an_unknown_kernel_config_says_what_is_unknown() {
+        let r = feature_control("6.12.0", false, 0x1);
+        assert_eq!(r.verdict, Verdict::Fail);
+        assert!(r.summary.contains("its config was not found"), "{r:?}");
+        assert!(
+            r.detail.ends_with("kernel 6.12.0, kernel config not found"),
+            "{r:?}"
+        );
+        // Before 5.6 the kernel never locks the register at boot: the firmware did.
+        let old = feature_control("5.4.0", true, 0x1);
+        assert_eq!(
+            (old.verdict, old.summary.as_str()),
+            (Verdict::Fail, "disabled by the firmware")
+        );
+        assert_eq!(old.fix.as_deref(), Some(FIX_VTX_FIRMWARE));
     }
 }

@@ -42,6 +42,31 @@ fn meminfo_kb(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// A hugetlbfs `pagesize=` value in kB: `2M`, `1024M`, `1G`, `2048K`, or bytes without a suffix
+/// (how the mount option is parsed); `None` when it is not a size.
+fn page_size_kb(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let bytes = digits.parse::<u64>().ok()?.checked_mul(1 << shift)?;
+    Some(bytes / 1024).filter(|&kb| kb > 0)
+}
+
+/// `2M`, `1G`: a page size as mount options and people write it.
+fn size_name(kb: u64) -> String {
+    if kb >= 1 << 20 && kb.is_multiple_of(1 << 20) {
+        format!("{}G", kb >> 20)
+    } else if kb >= 1 << 10 && kb.is_multiple_of(1 << 10) {
+        format!("{}M", kb >> 10)
+    } else {
+        format!("{kb}K")
+    }
+}
+
 pub fn numa_nodes(probe: &Probe) -> Vec<NumaNode> {
     let dir = probe.root.sys_path("devices/system/node");
     let mut nodes: Vec<NumaNode> = dir_names(&dir)
@@ -153,40 +178,123 @@ pub fn checks(probe: &Probe, memory: &MemoryFacts, out: &mut Vec<Check>) {
     });
 
     let mounts_shown = probe.show(&probe.root.proc_file("mounts"));
-    out.push(if !memory.hugetlbfs_mounts.is_empty() {
+    // A mount serves one page size: its pagesize= (the kernel always shows it, in K or M),
+    // else the default size (hugetlbfs without pagesize= uses default_hugepagesz).
+    let mount_sizes: Vec<(&str, Option<u64>)> = memory
+        .hugetlbfs_mounts
+        .iter()
+        .map(|m| {
+            let size = match &m.page_size {
+                Some(text) => page_size_kb(text),
+                None => memory.default_hugepage_kb,
+            };
+            (m.mount_point.as_str(), size)
+        })
+        .collect();
+    let mounts_evidence = format!(
+        "{mounts_shown}: {}; {hp_shown}: {}",
+        if mount_sizes.is_empty() {
+            "no hugetlbfs".to_owned()
+        } else {
+            mount_sizes
+                .iter()
+                .map(|(at, size)| {
+                    format!(
+                        "hugetlbfs at {at} pagesize {}",
+                        size.map_or_else(|| "unknown".to_owned(), size_name)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        if reserved.is_empty() {
+            "none reserved".to_owned()
+        } else {
+            reserved
+                .iter()
+                .map(|p| format!("{} x {} reserved", p.total, size_name(p.size_kb)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    // Reserved pools no mount serves: QEMU (-mem-path) and libvirt (<hugepages><page size>)
+    // reach a pool only through a mount of its page size.
+    let unserved: Vec<&&HugepagePool> = reserved
+        .iter()
+        .filter(|p| !mount_sizes.iter().any(|(_, size)| *size == Some(p.size_kb)))
+        .collect();
+    let unknown_size = mount_sizes.iter().any(|(_, size)| size.is_none());
+    out.push(if memory.hugetlbfs_mounts.is_empty() {
+        if reserved.is_empty() {
+            check(
+                "memory.hugetlbfs",
+                Verdict::NotApplicable,
+                "hugetlbfs not mounted (no hugepages reserved either)",
+                mounts_evidence,
+                None,
+            )
+        } else {
+            check(
+                "memory.hugetlbfs",
+                Verdict::Warn,
+                "hugepages are reserved but hugetlbfs is not mounted: VMs cannot use them",
+                mounts_evidence,
+                Some(
+                    "mount -t hugetlbfs hugetlbfs /dev/hugepages (systemd: dev-hugepages.mount)"
+                        .to_owned(),
+                ),
+            )
+        }
+    } else if let Some(pool) = unserved.first() {
+        let size = size_name(pool.size_kb);
+        if unknown_size {
+            check(
+                "memory.hugetlbfs",
+                Verdict::Warn,
+                format!(
+                    "cannot tell whether a hugetlbfs mount serves the reserved {size} hugepages: \
+                     a mount's page size is unknown"
+                ),
+                mounts_evidence,
+                Some(format!(
+                    "mount one with -o pagesize={size} if none has it (see memory.hugetlbfs evidence)"
+                )),
+            )
+        } else {
+            let dir = format!("/dev/hugepages{size}");
+            check(
+                "memory.hugetlbfs",
+                Verdict::Warn,
+                format!(
+                    "{size} hugepages are reserved ({}) but no hugetlbfs mount has pagesize={size}: \
+                     QEMU and libvirt cannot use them",
+                    pool.total
+                ),
+                mounts_evidence,
+                Some(format!(
+                    "mkdir -p {dir}; mount -t hugetlbfs -o pagesize={size} hugetlbfs {dir}; to keep \
+                     it, add 'hugetlbfs {dir} hugetlbfs pagesize={size} 0 0' to /etc/fstab or write \
+                     a systemd mount unit"
+                )),
+            )
+        }
+    } else {
         check(
             "memory.hugetlbfs",
             Verdict::Pass,
             format!(
                 "hugetlbfs mounted at {}",
-                memory
-                    .hugetlbfs_mounts
+                mount_sizes
                     .iter()
-                    .map(|m| m.mount_point.as_str())
+                    .map(|(at, size)| match size {
+                        Some(kb) => format!("{at} ({})", size_name(*kb)),
+                        None => (*at).to_owned(),
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            format!("{mounts_shown}: hugetlbfs"),
+            mounts_evidence,
             None,
-        )
-    } else if reserved.is_empty() {
-        check(
-            "memory.hugetlbfs",
-            Verdict::NotApplicable,
-            "hugetlbfs not mounted (no hugepages reserved either)",
-            format!("{mounts_shown}: no hugetlbfs"),
-            None,
-        )
-    } else {
-        check(
-            "memory.hugetlbfs",
-            Verdict::Warn,
-            "hugepages are reserved but hugetlbfs is not mounted: VMs cannot use them",
-            format!("{mounts_shown}: no hugetlbfs"),
-            Some(
-                "mount -t hugetlbfs hugetlbfs /dev/hugepages (systemd: dev-hugepages.mount)"
-                    .to_owned(),
-            ),
         )
     });
 
@@ -241,5 +349,18 @@ mod tests {
             Some(1)
         );
         assert_eq!(meminfo_kb("", "MemTotal"), None);
+    }
+
+    #[test]
+    fn page_sizes_as_the_kernel_shows_them_and_as_users_write_them() {
+        assert_eq!(page_size_kb("2M"), Some(2048));
+        assert_eq!(page_size_kb("1024M"), Some(1_048_576));
+        assert_eq!(page_size_kb("1G"), Some(1_048_576));
+        assert_eq!(page_size_kb("2048K"), Some(2048));
+        assert_eq!(page_size_kb("2097152"), Some(2048));
+        assert_eq!(page_size_kb("huge"), None);
+        assert_eq!(page_size_kb(""), None);
+        assert_eq!(size_name(1_048_576), "1G");
+        assert_eq!(size_name(2048), "2M");
     }
 }

@@ -191,6 +191,27 @@ impl<'a> Probe<'a> {
         self.flags.contains(flag)
     }
 
+    /// The words of cpuinfo's `vmx flags` line (Intel, kernels since 5.8 with VMX enabled);
+    /// `None` when there is no such line.
+    pub fn vmx_flags(&self) -> Option<BTreeSet<&str>> {
+        self.cpuinfo
+            .get("vmx flags")
+            .map(|f| f.split_whitespace().collect())
+    }
+
+    /// (major, minor) of the running kernel, from its release (`6.12.0-1-amd64` → (6, 12)).
+    pub fn kernel_version(&self) -> Option<(u32, u32)> {
+        let release = self.kernel_release.as_deref()?;
+        let mut parts = release.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor: String = parts
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some((major, minor.parse().ok()?))
+    }
+
     /// `vmx` or `svm`, when the CPU (as the kernel shows it) has one.
     pub fn virt_extension(&self) -> Option<&'static str> {
         if self.has_flag("vmx") {
@@ -371,5 +392,22 @@ mod tests {
         assert!(!c.contains_key("__foo"));
         let c = parse_cmdline("vfio-pci.ids=8086:10ca");
         assert!(c.contains_key("vfio_pci.ids"));
+    }
+
+    #[test]
+    fn kernel_version_from_the_release() {
+        let msr = FixedMsrs::default();
+        let version = |release: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("proc/sys/kernel")).unwrap();
+            std::fs::write(dir.path().join("proc/sys/kernel/osrelease"), release).unwrap();
+            let root = SysfsRoot::new(dir.path());
+            Probe::read(&root, &msr).kernel_version()
+        };
+        assert_eq!(version("6.12.0-1-amd64\n"), Some((6, 12)));
+        assert_eq!(version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(version("4.19.0"), Some((4, 19)));
+        assert_eq!(version("6.8-rc1"), Some((6, 8)));
+        assert_eq!(version("weird"), None);
     }
 }

@@ -13,10 +13,24 @@ use std::path::PathBuf;
 
 use crate::kernel::sysfs::SysfsRoot;
 
-/// IA32_FEATURE_CONTROL (Intel): bit 0 lock, bit 2 VMX outside SMX.
+/// IA32_FEATURE_CONTROL (Intel): bit 0 lock, bit 1 VMX inside SMX (TXT measured launch), bit 2
+/// VMX outside SMX.
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
 pub const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
+pub const FEATURE_CONTROL_VMX_INSIDE_SMX: u64 = 1 << 1;
 pub const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
+/// VMX capability MSRs (Intel SDM vol. 3, appendix A.3): the high 32 bits are the allowed-1
+/// settings, the controls the CPU can turn on. The kernel builds cpuinfo's `vmx flags` from them.
+pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
+pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
+pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48b;
+/// Allowed-1 bits (already shifted into the high half) of those MSRs.
+pub const PIN_POSTED_INTERRUPTS: u64 = 1 << (32 + 7);
+pub const PROC_TPR_SHADOW: u64 = 1 << (32 + 21);
+pub const PROC_SECONDARY_CONTROLS: u64 = 1 << (32 + 31);
+pub const PROC2_APIC_REGISTER_VIRT: u64 = 1 << (32 + 8);
+pub const PROC2_VIRTUAL_INTR_DELIVERY: u64 = 1 << (32 + 9);
+pub const PROC2_VMCS_SHADOWING: u64 = 1 << (32 + 14);
 /// VM_CR (AMD): bit 4 SVMDIS, set by firmware that disabled SVM.
 pub const VM_CR: u32 = 0xc001_0114;
 pub const VM_CR_SVMDIS: u64 = 1 << 4;
