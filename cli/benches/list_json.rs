@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use passthroughd::kernel::SysfsKernel;
-use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::{Manager, ManagerConfig};
+use passthroughd::service::{self, Backend, ServiceConfig};
+use passthroughd::{Engine, EngineConfig};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_testkit::synthetic::{self, HostShape};
 
@@ -109,11 +109,12 @@ fn measure(mode: &str, bus: &common::TestBus, tree: &Path) {
 
 /// The service as `passthroughd` runs it: the real engine, two worker threads, default limits.
 fn serve(warm: bool, address: &str, tree: &Path) {
-    let (manager, _) = Manager::open(ManagerConfig {
+    let (manager, _) = Engine::open(EngineConfig {
         root: passthroughd::SysfsRoot::new(tree),
         state_dir: tree.join("state"),
         kernel: Arc::new(SysfsKernel),
         ids: Arc::new(passthroughd::PciIds::empty()),
+        config: None,
     })
     .unwrap();
     if warm {
@@ -124,7 +125,7 @@ fn serve(warm: bool, address: &str, tree: &Path) {
         .enable_all()
         .build()
         .unwrap();
-    let engine: Arc<dyn Engine> = Arc::new(manager);
+    let engine: Arc<dyn Backend> = Arc::new(manager);
     runtime.block_on(async {
         let _conn = service::serve(
             &Bus::Address(address.to_owned()),

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
-use passthroughd_proto::wire::WireError;
+use passthroughd_proto::wire::{Dict, WireError, from_dict, from_dicts};
 use passthroughd_proto::{
-    Change, HostReport, IommuGroup, PciAddress, PciFunction, Status, VfInfo, host, table,
+    ApplyReport, Change, ConfigState, HostReport, IommuGroup, PciAddress, PciFunction, Status,
+    VfInfo, host, table,
 };
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use zbus::proxy::CacheProperties;
 
 /// Longer than the daemon's own 30 s limit, so its "timed out" answer arrives first.
@@ -70,6 +72,18 @@ enum Command {
         #[arg(long)]
         runtime: bool,
     },
+    /// Reconcile the host with the declarative config and stored requests now. What is not
+    /// refused is done; exit 5 when anything was refused or failed. A second apply finds
+    /// nothing to do.
+    Apply {
+        /// Print the plan (current driver → wanted, VFs to create or remove, what is refused
+        /// and why) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-read the config file (as SIGHUP does); a broken file keeps the last good config in
+    /// force and says where it is broken (exit 2).
+    Reload,
     /// SR-IOV virtual functions of a PF: create, destroy, list.
     Vf {
         #[command(subcommand)]
@@ -105,12 +119,15 @@ enum VfCommand {
         /// Do not persist: the VFs are gone at reboot.
         #[arg(long)]
         runtime: bool,
+        /// Let a resize take assigned VFs off vfio-pci (never VFs a process holds open).
+        #[arg(long)]
+        force: bool,
     },
-    /// Remove every VF of a PF (refused while a VM holds one).
+    /// Remove every VF of a PF (refused while a VM holds one, or while one is assigned).
     Destroy {
         #[arg(value_name = "PF")]
         pf: String,
-        /// Also remove persistently assigned VFs (never ones in use).
+        /// Also remove assigned VFs (never ones in use).
         #[arg(long)]
         force: bool,
     },
@@ -128,15 +145,26 @@ struct Failure {
     why: String,
     name: String,
     code: u8,
+    /// What stdout gets anyway (the report of an `apply` that refused something); `None`: the
+    /// error itself (as JSON with `--json`).
+    output: Option<String>,
 }
 
 impl Failure {
+    fn with_output(self, output: String) -> Self {
+        Self {
+            output: Some(output),
+            ..self
+        }
+    }
+
     fn invalid(what: impl Into<String>, why: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             why: why.into(),
             name: "InvalidArgument".into(),
             code: exit::INVALID,
+            output: None,
         }
     }
 
@@ -155,6 +183,7 @@ impl Failure {
             why: error.to_string(),
             name,
             code: error.exit_code(),
+            output: None,
         }
     }
 
@@ -176,7 +205,9 @@ impl Failure {
         // Keep it one line whatever the daemon or the bus wrote.
         let line = line.replace(['\n', '\r'], " ");
         eprintln!("{line}");
-        if json {
+        if let Some(output) = &self.output {
+            print!("{output}");
+        } else if json {
             let doc = serde_json::json!({
                 "error": {
                     "name": self.name,
@@ -206,6 +237,7 @@ fn main() -> ExitCode {
                 why: e.to_string(),
                 name: "Failed".into(),
                 code: exit::FAILED,
+                output: None,
             }
             .report(cli.json);
         }
@@ -258,6 +290,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         why: format!("{why}; see passthroughctl --help"),
         name: "InvalidArgument".into(),
         code: exit::INVALID,
+        output: None,
     }
     .report(json)
 }
@@ -296,36 +329,27 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
     let proxy = connect(&cli.bus).await?;
     let json = cli.json;
+    let first = refs.first().copied().unwrap_or_default();
     match &cli.command {
         Command::List => {
             let what = "listing functions";
-            let functions = convert::<PciFunction, _>(
-                what,
-                proxy
-                    .list_functions()
-                    .await
-                    .map_err(|e| Failure::from_dbus(what, &e))?,
-            )?;
+            let rows = proxy
+                .list_functions()
+                .await
+                .map_err(|e| Failure::from_dbus(what, &e))?;
+            let functions = rows
+                .into_iter()
+                .map(PciFunction::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| malformed(what, &e))?;
             render(json, functions.as_slice(), table::functions)
         }
         Command::Groups => {
-            let what = "listing IOMMU groups";
-            let groups = convert::<IommuGroup, _>(
-                what,
-                proxy
-                    .list_groups()
-                    .await
-                    .map_err(|e| Failure::from_dbus(what, &e))?,
-            )?;
+            let groups: Vec<IommuGroup> = list("listing IOMMU groups", proxy.list_groups().await)?;
             render(json, groups.as_slice(), table::groups)
         }
         Command::Show { .. } => {
-            let what = format!("show {}", refs.join(" "));
-            let wire = proxy
-                .show(refs.first().copied().unwrap_or_default())
-                .await
-                .map_err(|e| Failure::from_dbus(&what, &e))?;
-            let function = PciFunction::try_from(wire).map_err(|e| malformed(&what, &e))?;
+            let function: PciFunction = one(&format!("show {first}"), proxy.show(first).await)?;
             render(json, &function, table::function_detail)
         }
         Command::Assign {
@@ -335,92 +359,104 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             ..
         } => {
             let what = format!("assign {}", refs.join(" "));
-            let changes = convert::<Change, _>(
-                &what,
-                proxy
-                    .assign(&refs, *runtime, *group, *force)
-                    .await
-                    .map_err(|e| Failure::from_dbus(&what, &e))?,
-            )?;
+            let changes: Vec<Change> =
+                list(&what, proxy.assign(&refs, *runtime, *group, *force).await)?;
             render(json, changes.as_slice(), table::changes)
         }
         Command::Release { runtime, .. } => {
             let what = format!("release {}", refs.join(" "));
-            let changes = convert::<Change, _>(
-                &what,
-                proxy
-                    .release(&refs, *runtime)
-                    .await
-                    .map_err(|e| Failure::from_dbus(&what, &e))?,
-            )?;
+            let changes: Vec<Change> = list(&what, proxy.release(&refs, *runtime).await)?;
             render(json, changes.as_slice(), table::changes)
         }
-        Command::Vf { command } => {
-            let pf = refs.first().copied().unwrap_or_default();
-            match command {
-                VfCommand::Create {
-                    count,
-                    assign,
-                    runtime,
-                    ..
-                } => {
-                    let what = format!("vf create {pf}");
-                    let vfs = convert::<VfInfo, _>(
-                        &what,
-                        proxy
-                            .vf_create(pf, *count, *assign, *runtime)
-                            .await
-                            .map_err(|e| Failure::from_dbus(&what, &e))?,
-                    )?;
-                    render(json, vfs.as_slice(), table::vfs)
+        Command::Vf { command } => match command {
+            VfCommand::Create {
+                count,
+                assign,
+                runtime,
+                force,
+                ..
+            } => {
+                let vfs: Vec<VfInfo> = list(
+                    &format!("vf create {first}"),
+                    proxy
+                        .vf_create(first, *count, *assign, *runtime, *force)
+                        .await,
+                )?;
+                render(json, vfs.as_slice(), table::vfs)
+            }
+            VfCommand::Destroy { force, .. } => {
+                let changes: Vec<Change> = list(
+                    &format!("vf destroy {first}"),
+                    proxy.vf_destroy(first, *force).await,
+                )?;
+                render(json, changes.as_slice(), table::changes)
+            }
+            VfCommand::List { .. } => {
+                let vfs: Vec<VfInfo> =
+                    list(&format!("vf list {first}"), proxy.vf_list(first).await)?;
+                render(json, vfs.as_slice(), table::vfs)
+            }
+        },
+        Command::Apply { dry_run } => {
+            let what = if *dry_run { "apply --dry-run" } else { "apply" };
+            let report: ApplyReport = one(what, proxy.apply(*dry_run).await)?;
+            let text = render(json, &report, table::apply)?;
+            if report.refused.is_empty() && report.failed.is_empty() {
+                return Ok(text);
+            }
+            // The report is the output; the exit status says something was not done.
+            Err(Failure {
+                what: what.into(),
+                why: format!(
+                    "{} refused, {} failed (listed above)",
+                    report.refused.len(),
+                    report.failed.len()
+                ),
+                name: "Refused".into(),
+                code: exit::REFUSED,
+                output: None,
+            }
+            .with_output(text))
+        }
+        Command::Reload => {
+            let state: ConfigState = one("reload", proxy.reload().await)?;
+            let text = render(json, &state, table::config_state)?;
+            match &state.error {
+                None => Ok(text),
+                Some(e) => Err(Failure {
+                    what: "reload".into(),
+                    why: format!("{e}; the last good config stays in force"),
+                    name: "InvalidArgument".into(),
+                    code: exit::INVALID,
+                    output: None,
                 }
-                VfCommand::Destroy { force, .. } => {
-                    let what = format!("vf destroy {pf}");
-                    let changes = convert::<Change, _>(
-                        &what,
-                        proxy
-                            .vf_destroy(pf, *force)
-                            .await
-                            .map_err(|e| Failure::from_dbus(&what, &e))?,
-                    )?;
-                    render(json, changes.as_slice(), table::changes)
-                }
-                VfCommand::List { .. } => {
-                    let what = format!("vf list {pf}");
-                    let vfs = convert::<VfInfo, _>(
-                        &what,
-                        proxy
-                            .vf_list(pf)
-                            .await
-                            .map_err(|e| Failure::from_dbus(&what, &e))?,
-                    )?;
-                    render(json, vfs.as_slice(), table::vfs)
-                }
+                .with_output(text)),
             }
         }
         Command::Status => {
-            let what = "reading the status";
-            let status = Status::try_from(
-                proxy
-                    .status()
-                    .await
-                    .map_err(|e| Failure::from_dbus(what, &e))?,
-            )
-            .map_err(|e| malformed(what, &e))?;
+            let status: Status = one("reading the status", proxy.status().await)?;
             render(json, &status, table::status)
         }
         Command::Host => {
-            let what = "reading the host report";
-            let report = HostReport::try_from(
-                proxy
-                    .host()
-                    .await
-                    .map_err(|e| Failure::from_dbus(what, &e))?,
-            )
-            .map_err(|e| malformed(what, &e))?;
+            let report: HostReport = one("reading the host report", proxy.host().await)?;
             render(json, &report, host::render_text)
         }
     }
+}
+
+/// One dictionary from the daemon, as the model type.
+fn one<T: DeserializeOwned>(what: &str, reply: Result<Dict, dbus::Error>) -> Result<T, Failure> {
+    let dict = reply.map_err(|e| Failure::from_dbus(what, &e))?;
+    from_dict("reply", dict).map_err(|e| malformed(what, &e))
+}
+
+/// A list of dictionaries from the daemon, as model types.
+fn list<T: DeserializeOwned>(
+    what: &str,
+    reply: Result<Vec<Dict>, dbus::Error>,
+) -> Result<Vec<T>, Failure> {
+    let dicts = reply.map_err(|e| Failure::from_dbus(what, &e))?;
+    from_dicts("reply", dicts).map_err(|e| malformed(what, &e))
 }
 
 async fn connect(bus: &Bus) -> Result<ManagerProxy<'static>, Failure> {
@@ -429,6 +465,7 @@ async fn connect(bus: &Bus) -> Result<ManagerProxy<'static>, Failure> {
         why: e.to_string(),
         name: "Unreachable".into(),
         code: exit::UNREACHABLE,
+        output: None,
     };
     let conn = bus
         .builder()
@@ -444,16 +481,6 @@ async fn connect(bus: &Bus) -> Result<ManagerProxy<'static>, Failure> {
         .map_err(unreachable)
 }
 
-fn convert<T, W>(what: &str, wire: Vec<W>) -> Result<Vec<T>, Failure>
-where
-    T: TryFrom<W, Error = WireError>,
-{
-    wire.into_iter()
-        .map(T::try_from)
-        .collect::<Result<_, _>>()
-        .map_err(|e| malformed(what, &e))
-}
-
 fn malformed(what: &str, e: &WireError) -> Failure {
     let mut why = e.to_string();
     if let Some(source) = std::error::Error::source(e) {
@@ -465,6 +492,7 @@ fn malformed(what: &str, e: &WireError) -> Failure {
         why,
         name: "Failed".into(),
         code: exit::FAILED,
+        output: None,
     }
 }
 
@@ -484,6 +512,7 @@ fn render<T: Serialize + ?Sized>(
                 why: e.to_string(),
                 name: "Failed".into(),
                 code: exit::FAILED,
+                output: None,
             })
     } else {
         Ok(table(value))

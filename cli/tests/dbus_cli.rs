@@ -235,8 +235,10 @@ fn vf_commands_reach_the_engine_and_print_tables_or_json() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(json(&o)[0]["address"], pf.to_string());
     let calls = h.engine.calls();
-    assert!(matches!(&calls[0], Call::VfCreate(c, p, 3, true, false) if c.uid == 0 && *p == pf));
-    assert!(matches!(&calls[1], Call::VfCreate(_, p, 2, false, true) if *p == pf));
+    assert!(
+        matches!(&calls[0], Call::VfCreate(c, p, 3, true, false, false) if c.uid == 0 && *p == pf)
+    );
+    assert!(matches!(&calls[1], Call::VfCreate(_, p, 2, false, true, false) if *p == pf));
     assert!(matches!(&calls[2], Call::VfDestroy(_, p, true) if *p == pf));
 
     // vf list: real inventory reads.

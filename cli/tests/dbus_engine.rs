@@ -1,4 +1,4 @@
-//! passthroughctl against the service over the real engine (`Manager`): reads, refusals,
+//! passthroughctl against the service over the real engine (`Engine`): reads, refusals,
 //! assign/release with their signals and persistence.
 //!
 //! The kernel seam is a small tree-backed simulation: `driver_override` is stored, `unbind`
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::*;
 use passthroughd::kernel::Kernel;
-use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
+use passthroughd::service::{self, Backend, ServiceConfig};
+use passthroughd::{Engine, EngineConfig, Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::ManagerProxy;
 use passthroughd_proto::{PciAddress, table};
 use passthroughd_testkit::synthetic;
@@ -102,7 +102,7 @@ fn start() -> Real {
     let tree = tempfile::tempdir().unwrap();
     synthetic::generate(tree.path(), SHAPE).unwrap();
     let state = tempfile::tempdir().unwrap();
-    let (manager, _report) = Manager::open(ManagerConfig {
+    let (manager, _report) = Engine::open(EngineConfig {
         root: SysfsRoot::new(tree.path()),
         state_dir: state.path().to_owned(),
         kernel: Arc::new(TreeKernel {
@@ -113,13 +113,14 @@ fn start() -> Real {
                 .collect(),
         }),
         ids: Arc::new(PciIds::empty()),
+        config: None,
     })
     .unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let engine: Arc<dyn Engine> = Arc::new(manager);
+    let engine: Arc<dyn Backend> = Arc::new(manager);
     let connection = runtime
         .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
         .unwrap();

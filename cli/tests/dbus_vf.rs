@@ -1,4 +1,4 @@
-//! `passthroughctl vf ...` against the service over the real engine (`Manager`) and the
+//! `passthroughctl vf ...` against the service over the real engine (`Engine`) and the
 //! simulated kernel (`sim.rs`, which answers `sriov_numvfs` as DESIGN.md's table says): the
 //! whole path from the CLI through D-Bus to the sysfs writes, its signal, persistence and
 //! refusals. (The VM scenario `sriov.sh` runs the same against a real kernel.)
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use passthroughd::service::{self, Engine, ServiceConfig};
-use passthroughd::{Manager, ManagerConfig, PciIds};
+use passthroughd::service::{self, Backend, ServiceConfig};
+use passthroughd::{Engine, EngineConfig, PciIds};
 use passthroughd_proto::PciAddress;
 use passthroughd_proto::dbus::ManagerProxy;
 use passthroughd_testkit::sim::{SimDevice, SimKernel, SimSriov};
@@ -73,18 +73,19 @@ fn start() -> Real {
     sim.configure_sriov(pf(), SimSriov::igb(20));
     let nic = SimDevice::new(NOT_SRIOV.parse().unwrap(), 0x020000, Some("e1000e"), 11);
     sim.add_device(&nic).unwrap();
-    let (manager, _) = Manager::open(ManagerConfig {
+    let (manager, _) = Engine::open(EngineConfig {
         root: sim.sysfs().clone(),
         state_dir: dir.path().join("state"),
         kernel: sim.clone(),
         ids: Arc::new(PciIds::empty()),
+        config: None,
     })
     .unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let engine: Arc<dyn Engine> = Arc::new(manager);
+    let engine: Arc<dyn Backend> = Arc::new(manager);
     let connection = runtime
         .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
         .unwrap();

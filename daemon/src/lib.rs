@@ -21,7 +21,7 @@ pub mod observe;
 pub mod service;
 pub mod store;
 
-pub use engine::{Caller, Manager, ManagerConfig};
+pub use engine::{Caller, Engine, EngineConfig};
 pub use error::{Error, ErrorKind};
 pub use kernel::sysfs::SysfsRoot;
 pub use observe::inventory::{Inventory, InventoryError};

@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use passthroughd::engine::EngineOptions;
 use passthroughd::kernel::SysfsKernel;
 use passthroughd::kernel::uevents;
 use passthroughd::observe::host;
 use passthroughd::service::{self, ServiceConfig, error_chain};
-use passthroughd::{Inventory, Manager, ManagerConfig, PciIds, SysfsRoot};
+use passthroughd::{Engine, EngineConfig, Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::table;
 use tracing::{error, info, warn};
@@ -31,16 +32,21 @@ struct Flags {
     /// pci.ids database for vendor and device names (default: the system's, if installed).
     #[arg(long, value_name = "FILE", global = true)]
     pci_ids: Option<PathBuf>,
-    /// Declarative config (read from a later version on; noted in the log when present).
+    /// Declarative config: applied at start, re-read on SIGHUP or `passthroughctl reload`
+    /// (a missing file is an empty desired state).
     #[arg(
         long,
         value_name = "FILE",
         default_value = "/etc/passthroughd/config.toml"
     )]
     config: PathBuf,
-    /// Where state.toml and the journal live.
+    /// Where state.toml, the journal and the last good copy of the config live.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/passthroughd")]
     state_dir: PathBuf,
+    /// How long a caller waits for one sysfs write (an unbind waits for as long as a VM holds
+    /// the device) before it is told the operation is pending; the operation goes on.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    write_timeout: u64,
     /// The bus to serve on: system, session, or a D-Bus address (unix:path=...).
     #[arg(long, value_name = "BUS", default_value = "system")]
     bus: Bus,
@@ -162,21 +168,22 @@ fn inventory(root: &SysfsRoot, ids: &PciIds, json: bool) -> ExitCode {
     }
 }
 
-/// Opens the engine (journal recovery, persisted assignments), then serves D-Bus until SIGTERM.
+/// Opens the engine (journal recovery, the desired state), then serves D-Bus until SIGTERM, or
+/// until the daemon loses its bus name (then it exits with failure, for systemd to restart it).
 fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
-    if flags.config.exists() {
-        info!(config = %flags.config.display(), "config file present; it is applied from a later version on");
-    }
     // Kernel uevents describe the live /sys only: a captured or simulated tree gets none.
     let live_kernel = root.root() == std::path::Path::new("/");
-    let config = ManagerConfig {
+    let mut options = EngineOptions::for_root(&root);
+    options.write_timeout = std::time::Duration::from_secs(flags.write_timeout);
+    let config = EngineConfig {
         kernel: Arc::new(SysfsKernel),
         root,
         state_dir: flags.state_dir.clone(),
         ids: Arc::new(ids),
+        config: Some(flags.config.clone()),
     };
-    let (manager, report) = match Manager::open(config) {
-        Ok((manager, report)) => (Arc::new(manager), report),
+    let (engine, report) = match Engine::open_with(config, options) {
+        Ok((engine, report)) => (Arc::new(engine), report),
         Err(e) => {
             error!("cannot start: {}", error_chain(&e));
             return ExitCode::FAILURE;
@@ -186,19 +193,25 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
         info!(%line, "recovered from the journal");
     }
     for address in &report.applied {
-        info!(%address, "persisted assignment applied");
+        info!(%address, "stored assignment in effect");
     }
     for (address, why) in &report.refused {
-        warn!(%address, %why, "persisted assignment refused");
+        warn!(%address, %why, "stored assignment refused");
+    }
+    for change in &report.apply.changes {
+        info!(entry = %change.entry, function = %change.function, "applied");
+    }
+    for refusal in report.apply.refused.iter().chain(&report.apply.failed) {
+        warn!(entry = %refusal.entry, reason = %refusal.reason, "not applied");
     }
     if live_kernel {
-        let listener = Arc::downgrade(&manager);
+        let listener = Arc::downgrade(&engine);
         match uevents::spawn_listener(move || {
-            if let Some(manager) = listener.upgrade() {
-                manager.invalidate_inventory();
+            if let Some(engine) = listener.upgrade() {
+                engine.invalidate_inventory();
             }
         }) {
-            Ok(()) => manager.enable_inventory_cache(),
+            Ok(()) => engine.enable_inventory_cache(),
             Err(e) => warn!("no kernel uevents ({e}): every read rescans sysfs"),
         }
     }
@@ -213,9 +226,9 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let engine: Arc<dyn service::Engine> = manager;
-        let _connection = match service::serve(&flags.bus, engine, ServiceConfig::default()).await {
+    let code = runtime.block_on(async {
+        let backend: Arc<dyn service::Backend> = engine.clone();
+        let connection = match service::serve(&flags.bus, backend, ServiceConfig::default()).await {
             Ok(connection) => connection,
             Err(e) => {
                 error!(bus = %flags.bus, "cannot serve on the bus: {e}");
@@ -223,20 +236,58 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
             }
         };
         info!(bus = %flags.bus, "serving org.passthroughd.Passthrough1");
-        match wait_for_termination().await {
-            Ok(signal) => info!(%signal, "stopping"),
-            Err(e) => error!("cannot wait for signals: {e}"),
-        }
-        ExitCode::SUCCESS
-    })
+        let code = match serve_until_stopped(&connection, &engine).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                error!("{why}; exiting so that the service manager restarts the daemon");
+                ExitCode::FAILURE
+            }
+        };
+        // Stop serving at once and give the name up, so a new daemon can take it; then wait
+        // for operations in flight (a write blocked in the kernel keeps its plan running, and
+        // the journal covers a kill meanwhile).
+        let _ = connection
+            .release_name(passthroughd_proto::dbus::SERVICE)
+            .await;
+        drop(connection);
+        let stopping = Arc::clone(&engine);
+        let _ = tokio::task::spawn_blocking(move || stopping.stop()).await;
+        code
+    });
+    info!("stopped");
+    code
 }
 
-async fn wait_for_termination() -> std::io::Result<&'static str> {
+/// Serves until SIGTERM/SIGINT (`Ok`) or until the bus name is lost (`Err`); SIGHUP re-reads
+/// the config.
+async fn serve_until_stopped(
+    connection: &zbus::Connection,
+    engine: &Arc<Engine>,
+) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
+        return Err("cannot wait for signals".into());
+    };
+    let lost = service::name_lost(connection);
+    tokio::pin!(lost);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()) }
+            _ = hup.recv() => {
+                let engine = Arc::clone(engine);
+                let state = tokio::task::spawn_blocking(move || engine.reload()).await;
+                match state.ok().and_then(|s| s.error) {
+                    None => info!("SIGHUP: config reloaded"),
+                    Some(e) => warn!(error = %e, "SIGHUP: config not reloaded; the last good one stays"),
+                }
+            }
+            why = &mut lost => return Err(why),
+        }
+    }
 }

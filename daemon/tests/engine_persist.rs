@@ -7,10 +7,12 @@ mod common;
 
 use common::*;
 use nix::errno::Errno;
-use passthroughd::Manager;
+use passthroughd::Engine;
+use passthroughd::engine::plan::{
+    Claim, ClaimRecord, LockKey, OnCrash, Operation, Plan, Step, Target,
+};
 use passthroughd::kernel::Kernel;
-use passthroughd::store::journal::{Intent, IntentFunction, JournalEntry, Operation};
-use passthroughd::store::state::StoredIdentity;
+use passthroughd::store::journal::JournalEntry;
 use passthroughd_proto::{AssignOptions, DeviceIdentity, ReleaseOptions};
 use passthroughd_testkit::sim::SimOp;
 
@@ -53,7 +55,7 @@ fn persistent_assignments_survive_restarts_with_their_identity() {
             .unwrap();
     }
     let text = host.state_text();
-    assert!(text.starts_with("version = 2"), "{text}");
+    assert!(text.starts_with("version = 3"), "{text}");
     for needle in [
         "address = \"0000:01:00.0\"",
         "vendor_id = \"8086\"",
@@ -160,7 +162,7 @@ fn an_unknown_state_version_is_rejected_and_left_alone() {
     std::fs::create_dir_all(host.state_dir()).unwrap();
     let path = host.state_dir().join("state.toml");
     std::fs::write(&path, "version = 7\n").unwrap();
-    let err = Manager::open(host.config()).unwrap_err();
+    let err = Engine::open(host.config()).unwrap_err();
     assert!(err.to_string().contains("version 7"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "version = 7\n");
     assert!(host.sim.writes().is_empty());
@@ -179,17 +181,39 @@ fn crash_between_unbind_and_probe(host: &Host, persistent: bool) {
         .write(&root.pci_device_unbind(nic), NIC.as_bytes())
         .unwrap();
     std::fs::create_dir_all(host.state_dir()).unwrap();
-    let intent = Intent::new(
+    // The plan an `assign` journals (see planner/assign.rs).
+    let target = Target::Function(nic);
+    let mut plan = Plan::new(
         Operation::Assign,
-        persistent,
-        vec![IntentFunction {
-            address: nic,
-            identity: StoredIdentity(nic_identity()),
-            previous_driver: Some("igb".into()),
-        }],
+        if persistent {
+            OnCrash::Finish
+        } else {
+            OnCrash::Undo
+        },
+        [LockKey::Group(4)].into(),
     );
+    plan.steps = vec![
+        Step::Guard {
+            functions: vec![nic],
+        },
+        Step::LoadVfio,
+        Step::Bind {
+            target,
+            from: Some("igb".into()),
+        },
+        Step::Claim(ClaimRecord {
+            target,
+            identity: nic_identity(),
+            previous_driver: Some("igb".into()),
+            claim: if persistent {
+                Claim::Request
+            } else {
+                Claim::Runtime
+            },
+        }),
+    ];
     // Dropped without finish(): the file stays, as after SIGKILL.
-    JournalEntry::begin(&host.state_dir(), &intent).unwrap();
+    JournalEntry::begin(&host.state_dir(), &plan).unwrap();
     assert_eq!(host.driver(NIC), None);
 }
 

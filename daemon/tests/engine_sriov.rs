@@ -12,10 +12,12 @@ use std::time::Duration;
 use common::*;
 use nix::errno::Errno;
 use passthroughd::engine::EngineOptions;
-use passthroughd::store::journal::{Intent, JournalEntry, Operation, VfIntent};
-use passthroughd::store::state::StoredIdentity;
-use passthroughd::{ErrorKind, Manager};
-use passthroughd_proto::{AssignOptions, DeviceIdentity, PciAddress};
+use passthroughd::engine::plan::{
+    Claim, LockKey, OnCrash, Operation, Plan, Step, Target, VfSetRecord,
+};
+use passthroughd::store::journal::JournalEntry;
+use passthroughd::{Engine, ErrorKind};
+use passthroughd_proto::{AssignOptions, DeviceIdentity, PciAddress, VfCreateOptions};
 use passthroughd_testkit::sim::{SimDevice, SimOp, SimSriov};
 
 const PF: &str = "0000:05:00.0";
@@ -70,6 +72,14 @@ fn pf_writes(host: &Host, attr: &str) -> Vec<String> {
         .collect()
 }
 
+fn opts(assign: bool, runtime: bool) -> VfCreateOptions {
+    VfCreateOptions {
+        assign,
+        runtime,
+        force: false,
+    }
+}
+
 fn fast() -> EngineOptions {
     let mut o = EngineOptions::for_root(&passthroughd::SysfsRoot::new("/nonexistent"));
     o.vf_wait = Duration::from_millis(200);
@@ -81,7 +91,7 @@ fn fast() -> EngineOptions {
 fn create_with_assign_never_lets_the_host_vf_driver_bind() {
     let host = sriov_host();
     let (m, _) = host.open();
-    let vfs = m.vf_create(&caller(), a(PF), 4, true, false).unwrap();
+    let vfs = m.vf_create(&caller(), a(PF), 4, opts(true, false)).unwrap();
     assert_eq!(vfs.len(), 4);
     for (i, v) in vfs.iter().enumerate() {
         assert_eq!(v.index as usize, i);
@@ -106,7 +116,7 @@ fn create_with_assign_never_lets_the_host_vf_driver_bind() {
     assert_eq!(order, ["0", "4", "1"]);
     assert_eq!(autoprobe(&host), "1");
     let state = host.state_text();
-    assert!(state.starts_with("version = 2"), "{state}");
+    assert!(state.starts_with("version = 3"), "{state}");
     assert!(
         state.contains("[[vfs]]") && state.contains("count = 4"),
         "{state}"
@@ -119,7 +129,10 @@ fn create_with_assign_never_lets_the_host_vf_driver_bind() {
     assert_eq!(host.state_files(), ["state.toml"]);
     // Same count again: nothing written, same answer.
     let before = host.sim.writes().len();
-    assert_eq!(m.vf_create(&caller(), a(PF), 4, true, false).unwrap(), vfs);
+    assert_eq!(
+        m.vf_create(&caller(), a(PF), 4, opts(true, false)).unwrap(),
+        vfs
+    );
     assert_eq!(host.sim.writes().len(), before);
     assert_eq!(m.vf_list(a(PF)).unwrap(), vfs);
 }
@@ -128,7 +141,7 @@ fn create_with_assign_never_lets_the_host_vf_driver_bind() {
 fn create_without_assign_leaves_vfs_to_the_host_driver() {
     let host = sriov_host();
     let (m, _) = host.open();
-    let vfs = m.vf_create(&caller(), a(PF), 2, false, true).unwrap();
+    let vfs = m.vf_create(&caller(), a(PF), 2, opts(false, true)).unwrap();
     assert!(
         vfs.iter()
             .all(|v| v.driver.as_deref() == Some("igbvf") && !v.assigned)
@@ -170,8 +183,8 @@ fn a_resize_goes_through_zero_because_the_kernel_answers_ebusy() {
     w("0\n").unwrap();
 
     let (m, _) = host.open();
-    m.vf_create(&caller(), a(PF), 2, false, true).unwrap();
-    let vfs = m.vf_create(&caller(), a(PF), 5, true, true).unwrap();
+    m.vf_create(&caller(), a(PF), 2, opts(false, true)).unwrap();
+    let vfs = m.vf_create(&caller(), a(PF), 5, opts(true, true)).unwrap();
     assert_eq!(vfs.len(), 5);
     assert!(vfs.iter().all(|v| v.driver.as_deref() == Some("vfio-pci")));
     let all = pf_writes(&host, "sriov_numvfs");
@@ -184,7 +197,9 @@ fn vfs_that_never_appear_time_out_and_everything_is_put_back() {
     config.hold = true;
     let host = sriov_host_with(config);
     let (m, _) = host.open_with(fast());
-    let err = m.vf_create(&caller(), a(PF), 3, true, false).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 3, opts(true, false))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Failed);
     let text = err.to_string();
     assert!(
@@ -202,10 +217,12 @@ fn vfs_that_never_appear_time_out_and_everything_is_put_back() {
 fn a_failed_bind_of_vf_k_releases_the_bound_ones_and_restores_count_and_autoprobe() {
     let host = sriov_host();
     let (m, _) = host.open();
-    m.vf_create(&caller(), a(PF), 2, false, true).unwrap();
+    m.vf_create(&caller(), a(PF), 2, opts(false, true)).unwrap();
     let before_state = host.state_text();
     host.sim.fail_next(SimOp::Probe, vf(&host, 2), Errno::EIO);
-    let err = m.vf_create(&caller(), a(PF), 4, true, false).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 4, opts(true, false))
+        .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("binding VF 2 of 0000:05:00.0"), "{text}");
     assert!(text.contains("rolled back: 2 VFs, 2 released"), "{text}");
@@ -232,9 +249,11 @@ fn a_failed_bind_of_vf_k_releases_the_bound_ones_and_restores_count_and_autoprob
 fn a_failed_resize_puts_the_vfs_assigned_before_back_on_vfio() {
     let host = sriov_host();
     let (m, _) = host.open();
-    m.vf_create(&caller(), a(PF), 2, true, true).unwrap();
+    m.vf_create(&caller(), a(PF), 2, opts(true, true)).unwrap();
     host.sim.fail_next(SimOp::Probe, vf(&host, 3), Errno::EIO);
-    let err = m.vf_create(&caller(), a(PF), 4, true, true).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 4, opts(true, true))
+        .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("binding VF 3 of 0000:05:00.0"), "{text}");
     assert!(text.contains("VFs 0, 1 are back on vfio-pci"), "{text}");
@@ -262,7 +281,9 @@ fn a_driver_that_enables_fewer_vfs_is_noticed() {
     config.limit = Some(2);
     let host = sriov_host_with(config);
     let (m, _) = host.open();
-    let err = m.vf_create(&caller(), a(PF), 4, false, true).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 4, opts(false, true))
+        .unwrap_err();
     assert!(err.to_string().contains("enabled 2 of the 4 VFs"), "{err}");
     assert_eq!(numvfs(&host), "0");
 }
@@ -272,7 +293,7 @@ fn persistent_vfs_come_back_at_start_with_the_same_indexes_assigned() {
     let host = sriov_host();
     {
         let (m, _) = host.open();
-        m.vf_create(&caller(), a(PF), 3, true, false).unwrap();
+        m.vf_create(&caller(), a(PF), 3, opts(true, false)).unwrap();
     }
     // A reboot: the VFs are gone.
     std::fs::create_dir_all(host.state_dir()).unwrap();
@@ -362,27 +383,67 @@ fn crash_between_create_and_assign(host: &Host, persistent: bool) {
         .write(&root.pci_device_attr(a(PF), "sriov_numvfs"), b"3")
         .unwrap();
     std::fs::create_dir_all(host.state_dir()).unwrap();
-    JournalEntry::begin(
-        &host.state_dir(),
-        &Intent::for_vfs(
-            Operation::VfCreate,
-            persistent,
-            VfIntent {
-                pf: a(PF),
-                identity: StoredIdentity(DeviceIdentity {
+    // The plan a `vf create --count 3 --assign` journals (see planner/vfs.rs).
+    let pf = a(PF);
+    let vf = |index| Target::Vf { pf, index };
+    let on_crash = if persistent {
+        OnCrash::Finish
+    } else {
+        OnCrash::Undo
+    };
+    let mut plan = Plan::new(Operation::VfCreate, on_crash, [LockKey::Group(10)].into());
+    plan.steps = vec![
+        Step::Guard { functions: vec![] },
+        Step::LoadVfio,
+        Step::SetAutoprobe {
+            pf,
+            on: false,
+            was: true,
+        },
+        Step::SetNumVfs {
+            pf,
+            count: 3,
+            was: 0,
+            was_on_vfio: vec![],
+        },
+        Step::Bind {
+            target: vf(0),
+            from: None,
+        },
+        Step::Bind {
+            target: vf(1),
+            from: None,
+        },
+        Step::Bind {
+            target: vf(2),
+            from: None,
+        },
+        Step::SetAutoprobe {
+            pf,
+            on: true,
+            was: false,
+        },
+        Step::SetVfs {
+            pf,
+            now: Some(VfSetRecord {
+                identity: DeviceIdentity {
                     vendor_id: 0x8086,
                     device_id: 0x10c9,
                     subsystem_vendor_id: 0x8086,
                     subsystem_device_id: 0xa01f,
-                }),
+                },
                 count: 3,
-                assign: vec![0, 1, 2],
-                previous_count: 0,
-                previous_autoprobe: true,
-            },
-        ),
-    )
-    .unwrap();
+                assigned: [0, 1, 2].into(),
+                claim: if persistent {
+                    Claim::Request
+                } else {
+                    Claim::Runtime
+                },
+            }),
+            was: None,
+        },
+    ];
+    JournalEntry::begin(&host.state_dir(), &plan).unwrap();
 }
 
 #[test]
@@ -431,7 +492,7 @@ fn a_crash_between_create_and_assign_is_rolled_back_when_runtime() {
 fn destroy_and_resize_are_refused_while_a_process_holds_a_vf_even_with_force() {
     let host = sriov_host();
     let (m, _) = host.open();
-    m.vf_create(&caller(), a(PF), 2, true, false).unwrap();
+    m.vf_create(&caller(), a(PF), 2, opts(true, false)).unwrap();
     host.sim
         .add_process(4242, "qemu-system-x86", &[(7, "/dev/vfio/21")])
         .unwrap();
@@ -451,13 +512,24 @@ fn destroy_and_resize_are_refused_while_a_process_holds_a_vf_even_with_force() {
         );
         assert!(err.to_string().contains("VF 1 (0000:05:10.2)"), "{err}");
     }
-    let err = m.vf_create(&caller(), a(PF), 4, true, false).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 4, opts(true, false))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("cannot resize"), "{err}");
     assert_eq!(host.sim.writes().len(), writes, "nothing written");
     std::fs::remove_dir_all(host.root().proc_dir().join("4242")).unwrap();
 
-    let changes = m.vf_destroy(&caller(), a(PF), false).unwrap();
+    // Assigned VFs (vf create --assign) are taken off vfio-pci only with --force.
+    let err = m.vf_destroy(&caller(), a(PF), false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+    assert!(
+        err.to_string()
+            .contains("VF 0 (0000:05:10.0), VF 1 (0000:05:10.2) are assigned"),
+        "{err}"
+    );
+    assert_eq!(host.sim.writes().len(), writes, "nothing written");
+    let changes = m.vf_destroy(&caller(), a(PF), true).unwrap();
     assert_eq!(changes.len(), 2);
     assert!(
         changes
@@ -475,7 +547,7 @@ fn destroy_and_resize_are_refused_while_a_process_holds_a_vf_even_with_force() {
 fn destroy_refuses_a_persistently_assigned_vf_unless_forced() {
     let host = sriov_host();
     let (m, _) = host.open();
-    m.vf_create(&caller(), a(PF), 2, false, true).unwrap();
+    m.vf_create(&caller(), a(PF), 2, opts(false, true)).unwrap();
     m.assign(&caller(), &[vf(&host, 0)], AssignOptions::default())
         .unwrap();
     let err = m.vf_destroy(&caller(), a(PF), false).unwrap_err();
@@ -503,7 +575,7 @@ fn bad_inputs_get_their_documented_error_and_change_nothing() {
     sriov.pf_driver = "igb".into();
     host.sim.configure_sriov(a("0000:06:00.0"), sriov);
     let (m, _) = host.open_with(fast());
-    m.vf_create(&caller(), a(PF), 1, false, true).unwrap();
+    m.vf_create(&caller(), a(PF), 1, opts(false, true)).unwrap();
     let a_vf = vf(&host, 0).to_string();
     let writes = host.sim.writes().len();
     let state = host.state_text();
@@ -522,7 +594,7 @@ fn bad_inputs_get_their_documented_error_and_change_nothing() {
     ];
     for (pf, count, kind, text) in cases {
         let err = m
-            .vf_create(&caller(), a(pf), *count, true, false)
+            .vf_create(&caller(), a(pf), *count, opts(true, false))
             .unwrap_err();
         assert_eq!(err.kind(), *kind, "{pf} {count}: {err}");
         assert!(err.to_string().contains(text), "{pf} {count}: {err}");
@@ -543,14 +615,16 @@ fn a_pf_in_the_middle_of_another_operation_is_busy() {
     host.sim
         .delay(SimOp::NumVfs, a(PF), Duration::from_millis(400));
     let (m, _) = host.open_with(fast());
-    let m: Arc<Manager> = Arc::new(m);
+    let m: Arc<Engine> = Arc::new(m);
     let first = {
         let m = Arc::clone(&m);
-        std::thread::spawn(move || m.vf_create(&caller(), a(PF), 2, false, true))
+        std::thread::spawn(move || m.vf_create(&caller(), a(PF), 2, opts(false, true)))
     };
     std::thread::sleep(Duration::from_millis(100));
     let writes = host.sim.writes().len();
-    let err = m.vf_create(&caller(), a(PF), 3, false, true).unwrap_err();
+    let err = m
+        .vf_create(&caller(), a(PF), 3, opts(false, true))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(
         err.to_string().contains("busy with another request"),
@@ -570,10 +644,10 @@ fn a_new_vf_is_busy_for_other_requests_until_its_create_finishes() {
     host.sim
         .delay(SimOp::Probe, vf0, Duration::from_millis(500));
     let (m, _) = host.open_with(fast());
-    let m: Arc<Manager> = Arc::new(m);
+    let m: Arc<Engine> = Arc::new(m);
     let create = {
         let m = Arc::clone(&m);
-        std::thread::spawn(move || m.vf_create(&caller(), a(PF), 2, true, true))
+        std::thread::spawn(move || m.vf_create(&caller(), a(PF), 2, opts(true, true)))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while host.sim.driver_of(vf0).is_none() && host.sim.override_of(vf0).is_none() {

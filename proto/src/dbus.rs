@@ -2,18 +2,16 @@
 //! error names clients can match, which bus to talk on, and the CLI exit code of each failure.
 //!
 //! Wire form: addresses travel as strings (the daemon parses each with [`crate::PciAddress`]
-//! before use); options of `Assign`/`Release` are plain booleans; results are `a{sv}`
-//! dictionaries (see [`crate::wire`]) in which an absent value is an absent key, so new keys can
-//! be added without changing a method's signature.
+//! before use); options are plain booleans; results are `a{sv}` dictionaries of the model types
+//! (see [`crate::wire`]) in which an absent value is an absent key, so new keys can be added
+//! without changing a method's signature.
 
 use std::fmt;
 use std::str::FromStr;
 
 use zbus::DBusError;
 
-use crate::wire::{
-    ChangeWire, FunctionRow, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
-};
+use crate::wire::{Dict, FunctionRow};
 
 /// The daemon's well-known bus name.
 pub const SERVICE: &str = "org.passthroughd.Passthrough1";
@@ -37,44 +35,58 @@ pub trait Manager {
     /// Every PCI function, sorted by address, one struct row each (see [`FunctionRow`]).
     fn list_functions(&self) -> Result<Vec<FunctionRow>, Error>;
 
-    /// Every IOMMU group, sorted by number.
-    fn list_groups(&self) -> Result<Vec<GroupWire>, Error>;
+    /// Every IOMMU group, sorted by number ([`crate::IommuGroup`] each).
+    fn list_groups(&self) -> Result<Vec<Dict>, Error>;
 
-    /// One function in full.
-    fn show(&self, address: &str) -> Result<FunctionWire, Error>;
+    /// One function in full ([`crate::PciFunction`]).
+    fn show(&self, address: &str) -> Result<Dict, Error>;
 
     /// Binds each function (with `group`, its whole IOMMU group) to vfio-pci, all or nothing.
+    /// Returns the functions whose driver changed ([`crate::Change`] each).
     fn assign(
         &self,
         addresses: &[&str],
         runtime: bool,
         group: bool,
         force: bool,
-    ) -> Result<Vec<ChangeWire>, Error>;
+    ) -> Result<Vec<Dict>, Error>;
 
     /// Returns each function to the driver it had before assignment.
-    fn release(&self, addresses: &[&str], runtime: bool) -> Result<Vec<ChangeWire>, Error>;
+    fn release(&self, addresses: &[&str], runtime: bool) -> Result<Vec<Dict>, Error>;
 
-    /// Daemon version, uptime, assignments and recent errors.
-    fn status(&self) -> Result<StatusWire, Error>;
+    /// Daemon version, uptime, assignments and where they come from, the config, operations
+    /// in flight and recent errors ([`crate::Status`]).
+    fn status(&self) -> Result<Dict, Error>;
 
-    /// The host capability report of the root the daemon reads (no authorization needed).
-    fn host(&self) -> Result<HostReportWire, Error>;
+    /// The host capability report of the root the daemon reads (no authorization needed;
+    /// [`crate::HostReport`]).
+    fn host(&self) -> Result<Dict, Error>;
+
     /// Creates `count` VFs on `pf` (through 0 when it has another count); with `assign` they go
-    /// straight to vfio-pci without a host VF driver ever probing them. Returns the VFs.
+    /// straight to vfio-pci without a host VF driver ever probing them. A resize that would take
+    /// an assigned VF off vfio-pci needs `force`. Returns the VFs ([`crate::VfInfo`] each).
     fn vf_create(
         &self,
         pf: &str,
         count: u32,
         assign: bool,
         runtime: bool,
-    ) -> Result<Vec<VfWire>, Error>;
+        force: bool,
+    ) -> Result<Vec<Dict>, Error>;
 
-    /// Removes every VF of `pf` (`force`: even persistently assigned ones; never in-use ones).
-    fn vf_destroy(&self, pf: &str, force: bool) -> Result<Vec<ChangeWire>, Error>;
+    /// Removes every VF of `pf` (`force`: even assigned ones; never in-use ones).
+    fn vf_destroy(&self, pf: &str, force: bool) -> Result<Vec<Dict>, Error>;
 
     /// Every VF of `pf`: index, address, driver, group, assignment, in-use holder.
-    fn vf_list(&self, pf: &str) -> Result<Vec<VfWire>, Error>;
+    fn vf_list(&self, pf: &str) -> Result<Vec<Dict>, Error>;
+
+    /// Reconciles the host with the declarative config and the stored requests; with
+    /// `dry_run`, only says what it would do ([`crate::ApplyReport`]).
+    fn apply(&self, dry_run: bool) -> Result<Dict, Error>;
+
+    /// Re-reads the config file; a broken file keeps the last good config in force
+    /// ([`crate::ConfigState`], with the error).
+    fn reload(&self) -> Result<Dict, Error>;
 
     /// The VFs of `pf` changed; `count` is how many it has now.
     #[zbus(signal)]

@@ -12,6 +12,9 @@ pub mod wire;
 
 pub use address::{AddressError, PciAddress};
 pub use device::{GroupBlocker, IommuGroup, PciFunction, SriovPf, VfOf};
-pub use ops::{AssignOptions, Assignment, Change, DeviceIdentity, ReleaseOptions, Status, VfInfo};
+pub use ops::{
+    ApplyReport, AssignOptions, Assignment, Change, ConfigState, DeviceIdentity, PlannedChange,
+    PlannedVfs, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo, VfSetStatus,
+};
 pub mod host;
 pub use host::{Check, HostReport, Verdict};

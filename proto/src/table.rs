@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::{Change, IommuGroup, PciFunction, Status};
+use crate::{ApplyReport, Change, ConfigState, IommuGroup, PciFunction, Status};
 
 /// One row per function: address, ids, class, driver, group, role, names.
 pub fn functions(functions: &[PciFunction]) -> String {
@@ -156,37 +156,140 @@ pub fn vfs(vfs: &[crate::VfInfo]) -> String {
     out
 }
 
-/// Daemon status: version, uptime, assignments, recent errors.
+/// Daemon status: version, uptime, the config, assignments with where they come from, VF sets,
+/// operations in flight, recent errors.
 pub fn status(s: &Status) -> String {
     let mut out = format!("passthroughd {}, up {}\n", s.version, uptime(s.uptime_secs));
+    if let Some(c) = &s.config {
+        out.push_str(&config_state(c));
+    }
     if s.assignments.is_empty() {
         out.push_str("no assignments\n");
     } else {
-        out.push_str("ADDRESS        IDS        PREVIOUS     KIND        STATE\n");
+        out.push_str("ADDRESS        VF    IDS        PREVIOUS     FROM            STATE\n");
         for a in &s.assignments {
+            let state = match (&a.refused, &a.state) {
+                (Some(why), _) => format!("refused: {why}"),
+                (None, Some(state)) => state.clone(),
+                (None, None) => "assigned".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "{:<14} {:04x}:{:04x}  {:<12} {:<11} {}",
+                "{:<14} {:<5} {:04x}:{:04x}  {:<12} {:<15} {}",
                 a.address.to_string(),
+                a.vf.map_or_else(|| "-".to_owned(), |v| v.index.to_string()),
                 a.identity.vendor_id,
                 a.identity.device_id,
                 a.previous_driver.as_deref().unwrap_or("-"),
-                if a.persistent {
-                    "persistent"
-                } else {
-                    "runtime"
-                },
-                a.refused
-                    .as_deref()
-                    .map_or_else(|| "applied".to_owned(), |why| format!("refused: {why}"))
+                a.sources.join(","),
+                state
             );
         }
+    }
+    for v in &s.vf_sets {
+        let assigned: Vec<String> = v.assigned.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "VFs of {}: {} ({}), on vfio-pci: {}{}",
+            v.pf,
+            v.count,
+            v.source,
+            if assigned.is_empty() {
+                "none".to_owned()
+            } else {
+                assigned.join(", ")
+            },
+            v.refused
+                .as_deref()
+                .map_or_else(String::new, |why| format!("; refused: {why}"))
+        );
+    }
+    for p in &s.pending {
+        let _ = writeln!(out, "in flight: {p}");
+    }
+    for u in &s.unfinished {
+        let _ = writeln!(out, "unfinished: {u}");
     }
     if !s.last_errors.is_empty() {
         out.push_str("last errors:\n");
         for e in &s.last_errors {
             let _ = writeln!(out, "  {e}");
         }
+    }
+    out
+}
+
+/// The config in force: where, how many entries, and the error of the last (re)load.
+pub fn config_state(c: &ConfigState) -> String {
+    let mut out = if c.present {
+        format!("config {}: {} entries in force\n", c.path, c.entries)
+    } else {
+        format!("config {}: absent (nothing to apply)\n", c.path)
+    };
+    if let Some(e) = &c.error {
+        let _ = writeln!(
+            out,
+            "config error: {e} (the last good config stays in force)"
+        );
+    }
+    out
+}
+
+/// What `apply` did, or with `--dry-run` would do.
+pub fn apply(r: &ApplyReport) -> String {
+    let mut out = config_state(&r.config);
+    let (will, done) = if r.dry_run {
+        ("would", "")
+    } else {
+        ("", "done: ")
+    };
+    if r.changes.is_empty() && r.vfs.is_empty() {
+        out.push_str(if r.dry_run {
+            "nothing to do: the host is in the desired state\n"
+        } else {
+            "nothing to do: the host was in the desired state\n"
+        });
+    }
+    for v in &r.vfs {
+        let _ = writeln!(
+            out,
+            "{done}{}{}VFs of {}: {} -> {}  ({})",
+            will,
+            if will.is_empty() { "" } else { " change " },
+            v.pf,
+            v.from,
+            v.to,
+            v.entry
+        );
+    }
+    for c in &r.changes {
+        let _ = writeln!(
+            out,
+            "{done}{}{}{}: {} -> {}  ({})",
+            will,
+            if will.is_empty() { "" } else { " move " },
+            c.function,
+            c.from.as_deref().unwrap_or("no driver"),
+            c.to.as_deref().unwrap_or("no driver"),
+            c.entry
+        );
+    }
+    for x in &r.refused {
+        let _ = writeln!(
+            out,
+            "refused: {}{}: {}",
+            x.entry,
+            x.function
+                .as_deref()
+                .map_or_else(String::new, |f| format!(" {f}")),
+            x.reason
+        );
+    }
+    for x in &r.failed {
+        let _ = writeln!(out, "failed: {}: {}", x.entry, x.reason);
+    }
+    for n in &r.notes {
+        let _ = writeln!(out, "note: {n}");
     }
     out
 }

@@ -1,23 +1,26 @@
-//! The D-Bus wire form of the results, and its conversion to and from the serde types of
-//! [`crate::device`] and [`crate::ops`] (which are also what `--json` prints).
+//! The D-Bus wire form of the model types of [`crate::device`], [`crate::ops`] and
+//! [`crate::host`] (which are also what `--json` prints).
 //!
-//! Every result is an `a{sv}` dictionary keyed by the same snake_case names the JSON uses; a value
-//! that is `None` on our side is an absent key on the wire. Addresses are canonical strings and
-//! are parsed again on receipt, so a client never trusts an unparsed address.
+//! One model type per concept: each result travels as an `a{sv}` dictionary made from the same
+//! serde form `--json` prints ([`to_dict`]), keyed by the same snake_case names; a `None` is an
+//! absent key, nested structs are `a{sv}` too and lists are `av`. Integers travel as `t` (or `x`
+//! when negative). The client turns a dictionary back into the model type ([`from_dict`]), which
+//! parses every address again, so a client never trusts an unparsed address. The one exception
+//! is `ListFunctions` ([`FunctionRow`]), whose struct rows exist for a measured reason.
 
+use std::collections::HashMap;
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use zbus::zvariant::{DeserializeDict, SerializeDict, Type};
+use zbus::zvariant::{Array, Dict as ZDict, OwnedValue, Signature, Str, Type, Value};
 
-use crate::{
-    AddressError, Assignment, Change, DeviceIdentity, GroupBlocker, IommuGroup, PciAddress,
-    PciFunction, SriovPf, Status, VfInfo, VfOf,
-};
+use crate::{AddressError, PciAddress, PciFunction, SriovPf, VfOf};
 
-pub mod host;
+/// An `a{sv}` result.
+pub type Dict = HashMap<String, OwnedValue>;
 
-pub use host::HostReportWire;
-
-/// A reply the daemon sent that does not describe what it should.
+/// A reply the daemon sent that does not describe what it should (or a value that cannot be
+/// put on the wire).
 #[derive(Debug, thiserror::Error)]
 #[error("the daemon sent a malformed {field}")]
 pub struct WireError {
@@ -31,9 +34,10 @@ pub struct WireError {
 enum WireCause {
     #[error(transparent)]
     Address(#[from] AddressError),
-    /// A string outside the set of names the value can take (e.g. a verdict).
-    #[error("unknown value {0:?}")]
-    Unknown(String),
+    #[error(transparent)]
+    Shape(#[from] serde_json::Error),
+    #[error("{0}")]
+    Other(String),
 }
 
 fn address(field: &'static str, text: &str) -> Result<PciAddress, WireError> {
@@ -43,99 +47,137 @@ fn address(field: &'static str, text: &str) -> Result<PciAddress, WireError> {
     })
 }
 
-fn unknown(field: &'static str, text: &str) -> WireError {
+fn other(field: &'static str, why: impl Into<String>) -> WireError {
     WireError {
         field,
-        source: WireCause::Unknown(text.to_owned()),
+        source: WireCause::Other(why.into()),
     }
 }
 
-/// [`PciFunction`] on the wire (`a{sv}`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct FunctionWire {
-    pub address: String,
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub subsystem_vendor_id: u16,
-    pub subsystem_device_id: u16,
-    pub class: u32,
-    pub vendor_name: Option<String>,
-    pub device_name: Option<String>,
-    pub class_name: Option<String>,
-    pub driver: Option<String>,
-    pub driver_override: Option<String>,
-    pub iommu_group: Option<u32>,
-    pub numa_node: Option<u32>,
-    pub boot_vga: bool,
-    pub sriov_total_vfs: Option<u32>,
-    pub sriov_num_vfs: Option<u32>,
-    pub sriov_drivers_autoprobe: Option<bool>,
-    pub vf_pf: Option<String>,
-    pub vf_index: Option<u32>,
-}
-
-impl From<&PciFunction> for FunctionWire {
-    fn from(f: &PciFunction) -> Self {
-        Self {
-            address: f.address.to_string(),
-            vendor_id: f.vendor_id,
-            device_id: f.device_id,
-            subsystem_vendor_id: f.subsystem_vendor_id,
-            subsystem_device_id: f.subsystem_device_id,
-            class: f.class,
-            vendor_name: f.vendor_name.clone(),
-            device_name: f.device_name.clone(),
-            class_name: f.class_name.clone(),
-            driver: f.driver.clone(),
-            driver_override: f.driver_override.clone(),
-            iommu_group: f.iommu_group,
-            numa_node: f.numa_node,
-            boot_vga: f.boot_vga,
-            sriov_total_vfs: f.sriov.map(|s| s.total_vfs),
-            sriov_num_vfs: f.sriov.map(|s| s.num_vfs),
-            sriov_drivers_autoprobe: f.sriov.map(|s| s.drivers_autoprobe),
-            vf_pf: f.vf_of.map(|v| v.pf.to_string()),
-            vf_index: f.vf_of.map(|v| v.index),
+/// `value` as an `a{sv}` dictionary: its serde (JSON) form, field by field. `value` must
+/// serialize as a struct (a JSON object).
+pub fn to_dict<T: Serialize>(value: &T) -> Result<Dict, WireError> {
+    let json = serde_json::to_value(value).map_err(|e| WireError {
+        field: "reply",
+        source: e.into(),
+    })?;
+    let serde_json::Value::Object(map) = json else {
+        return Err(other("reply", "not a struct"));
+    };
+    let mut dict = Dict::with_capacity(map.len());
+    for (key, value) in map {
+        if let Some(value) = to_value(value) {
+            let owned = OwnedValue::try_from(value).map_err(|e| other("reply", e.to_string()))?;
+            dict.insert(key, owned);
         }
     }
+    Ok(dict)
 }
 
-impl TryFrom<FunctionWire> for PciFunction {
-    type Error = WireError;
-
-    fn try_from(w: FunctionWire) -> Result<Self, WireError> {
-        let sriov = w.sriov_total_vfs.map(|total_vfs| SriovPf {
-            total_vfs,
-            num_vfs: w.sriov_num_vfs.unwrap_or(0),
-            drivers_autoprobe: w.sriov_drivers_autoprobe.unwrap_or(true),
-        });
-        let vf_of = match (&w.vf_pf, w.vf_index) {
-            (Some(pf), Some(index)) => Some(VfOf {
-                pf: address("VF's PF address", pf)?,
-                index,
-            }),
-            _ => None,
-        };
-        Ok(Self {
-            address: address("function address", &w.address)?,
-            vendor_id: w.vendor_id,
-            device_id: w.device_id,
-            subsystem_vendor_id: w.subsystem_vendor_id,
-            subsystem_device_id: w.subsystem_device_id,
-            class: w.class,
-            vendor_name: w.vendor_name,
-            device_name: w.device_name,
-            class_name: w.class_name,
-            driver: w.driver,
-            driver_override: w.driver_override,
-            iommu_group: w.iommu_group,
-            numa_node: w.numa_node,
-            boot_vga: w.boot_vga,
-            sriov,
-            vf_of,
-        })
+/// A dictionary [`to_dict`] made, back as the model type. `what` names it in errors.
+pub fn from_dict<T: DeserializeOwned>(what: &'static str, dict: Dict) -> Result<T, WireError> {
+    let mut map = serde_json::Map::with_capacity(dict.len());
+    for (key, value) in dict {
+        map.insert(key, to_json(what, &value)?);
     }
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| WireError {
+        field: what,
+        source: e.into(),
+    })
+}
+
+/// Each dictionary of a list, back as the model type.
+pub fn from_dicts<T: DeserializeOwned>(
+    what: &'static str,
+    dicts: Vec<Dict>,
+) -> Result<Vec<T>, WireError> {
+    dicts.into_iter().map(|d| from_dict(what, d)).collect()
+}
+
+/// Each item of a list as a dictionary.
+pub fn to_dicts<T: Serialize>(values: &[T]) -> Result<Vec<Dict>, WireError> {
+    values.iter().map(to_dict).collect()
+}
+
+/// A JSON value as a D-Bus value; `None` for null (an absent key).
+fn to_value(json: serde_json::Value) -> Option<Value<'static>> {
+    use serde_json::Value as J;
+    Some(match json {
+        J::Null => return None,
+        J::Bool(b) => Value::Bool(b),
+        J::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Value::U64(u),
+            (None, Some(i)) => Value::I64(i),
+            _ => Value::F64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::Str(Str::from(s)),
+        J::Array(items) => {
+            let mut array = Array::new(&Signature::Variant);
+            for item in items {
+                // A null inside a list has no D-Bus form; lists of the model have none.
+                if let Some(v) = to_value(item) {
+                    // Cannot fail: every element is a variant.
+                    let _ = array.append(Value::Value(Box::new(v)));
+                }
+            }
+            Value::Array(array)
+        }
+        J::Object(map) => {
+            let mut dict = ZDict::new(&Signature::Str, &Signature::Variant);
+            for (key, value) in map {
+                if let Some(v) = to_value(value) {
+                    let _ = dict.append(Value::Str(Str::from(key)), Value::Value(Box::new(v)));
+                }
+            }
+            Value::Dict(dict)
+        }
+    })
+}
+
+/// A D-Bus value as JSON, whatever its exact type.
+fn to_json(what: &'static str, value: &Value<'_>) -> Result<serde_json::Value, WireError> {
+    use serde_json::Value as J;
+    Ok(match value {
+        Value::U8(n) => J::from(*n),
+        Value::Bool(b) => J::Bool(*b),
+        Value::I16(n) => J::from(*n),
+        Value::U16(n) => J::from(*n),
+        Value::I32(n) => J::from(*n),
+        Value::U32(n) => J::from(*n),
+        Value::I64(n) => J::from(*n),
+        Value::U64(n) => J::from(*n),
+        Value::F64(n) => J::from(*n),
+        Value::Str(s) => J::String(s.to_string()),
+        Value::Signature(s) => J::String(s.to_string()),
+        Value::ObjectPath(p) => J::String(p.to_string()),
+        Value::Value(inner) => to_json(what, inner)?,
+        Value::Array(array) => J::Array(
+            array
+                .inner()
+                .iter()
+                .map(|v| to_json(what, v))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Dict(dict) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in dict.iter() {
+                let key = match k {
+                    Value::Str(s) => s.to_string(),
+                    other => to_json(what, other)?.to_string(),
+                };
+                map.insert(key, to_json(what, v)?);
+            }
+            J::Object(map)
+        }
+        Value::Structure(s) => J::Array(
+            s.fields()
+                .iter()
+                .map(|v| to_json(what, v))
+                .collect::<Result<_, _>>()?,
+        ),
+        #[allow(unreachable_patterns)]
+        _ => return Err(other(what, "a value of a type the daemon never sends")),
+    })
 }
 
 /// [`PciFunction`] as one row of `ListFunctions`, whose reply is `a(sqqqqusssssxxbuubsu)`.
@@ -198,11 +240,10 @@ impl From<&PciFunction> for FunctionRow {
     }
 }
 
-/// A row's placeholders ("" and -1, totals of 0) become the absent values of [`FunctionWire`],
-/// so a row is then checked and converted exactly as a dictionary is.
-impl TryFrom<FunctionRow> for FunctionWire {
+impl TryFrom<FunctionRow> for PciFunction {
     type Error = WireError;
 
+    /// A row's placeholders ("" and -1, totals of 0) become absent values again.
     fn try_from(r: FunctionRow) -> Result<Self, WireError> {
         let text = |v: String| (!v.is_empty()).then_some(v);
         let number = |field: &'static str, v: i64| -> Result<Option<u32>, WireError> {
@@ -210,13 +251,23 @@ impl TryFrom<FunctionRow> for FunctionWire {
                 -1 => Ok(None),
                 n => u32::try_from(n)
                     .map(Some)
-                    .map_err(|_| unknown(field, &n.to_string())),
+                    .map_err(|_| other(field, format!("value {n}"))),
             }
         };
-        let pf = r.sriov_total_vfs > 0;
-        let vf = !r.vf_pf.is_empty();
+        let sriov = (r.sriov_total_vfs > 0).then_some(SriovPf {
+            total_vfs: r.sriov_total_vfs,
+            num_vfs: r.sriov_num_vfs,
+            drivers_autoprobe: r.sriov_drivers_autoprobe,
+        });
+        let vf_of = match text(r.vf_pf) {
+            Some(pf) => Some(VfOf {
+                pf: address("VF's PF address", &pf)?,
+                index: r.vf_index,
+            }),
+            None => None,
+        };
         Ok(Self {
-            address: r.address,
+            address: address("function address", &r.address)?,
             vendor_id: r.vendor_id,
             device_id: r.device_id,
             subsystem_vendor_id: r.subsystem_vendor_id,
@@ -230,246 +281,30 @@ impl TryFrom<FunctionRow> for FunctionWire {
             iommu_group: number("IOMMU group", r.iommu_group)?,
             numa_node: number("NUMA node", r.numa_node)?,
             boot_vga: r.boot_vga,
-            sriov_total_vfs: pf.then_some(r.sriov_total_vfs),
-            sriov_num_vfs: pf.then_some(r.sriov_num_vfs),
-            sriov_drivers_autoprobe: pf.then_some(r.sriov_drivers_autoprobe),
-            vf_pf: text(r.vf_pf),
-            vf_index: vf.then_some(r.vf_index),
-        })
-    }
-}
-
-impl TryFrom<FunctionRow> for PciFunction {
-    type Error = WireError;
-
-    fn try_from(r: FunctionRow) -> Result<Self, WireError> {
-        PciFunction::try_from(FunctionWire::try_from(r)?)
-    }
-}
-
-/// A group member that blocks viability: (member, host driver).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-#[zvariant(crate = "zbus::zvariant")]
-pub struct BlockerWire(pub String, pub String);
-
-/// [`IommuGroup`] on the wire (`a{sv}`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct GroupWire {
-    pub id: u32,
-    pub members: Vec<String>,
-    pub domain_type: Option<String>,
-    pub viable: bool,
-    pub blockers: Vec<BlockerWire>,
-}
-
-impl From<&IommuGroup> for GroupWire {
-    fn from(g: &IommuGroup) -> Self {
-        Self {
-            id: g.id,
-            members: g.members.iter().map(ToString::to_string).collect(),
-            domain_type: g.domain_type.clone(),
-            viable: g.viable,
-            blockers: g
-                .blockers
-                .iter()
-                .map(|b| BlockerWire(b.member.clone(), b.driver.clone()))
-                .collect(),
-        }
-    }
-}
-
-impl TryFrom<GroupWire> for IommuGroup {
-    type Error = WireError;
-
-    fn try_from(w: GroupWire) -> Result<Self, WireError> {
-        Ok(Self {
-            id: w.id,
-            members: w
-                .members
-                .iter()
-                .map(|m| address("group member", m))
-                .collect::<Result<_, _>>()?,
-            domain_type: w.domain_type,
-            viable: w.viable,
-            blockers: w
-                .blockers
-                .into_iter()
-                .map(|BlockerWire(member, driver)| GroupBlocker { member, driver })
-                .collect(),
-        })
-    }
-}
-
-/// [`Change`] on the wire (`a{sv}`); an absent driver key means "no driver".
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct ChangeWire {
-    pub address: String,
-    pub old_driver: Option<String>,
-    pub new_driver: Option<String>,
-}
-
-impl From<&Change> for ChangeWire {
-    fn from(c: &Change) -> Self {
-        Self {
-            address: c.address.to_string(),
-            old_driver: c.old_driver.clone(),
-            new_driver: c.new_driver.clone(),
-        }
-    }
-}
-
-impl TryFrom<ChangeWire> for Change {
-    type Error = WireError;
-
-    fn try_from(w: ChangeWire) -> Result<Self, WireError> {
-        Ok(Self {
-            address: address("changed address", &w.address)?,
-            old_driver: w.old_driver,
-            new_driver: w.new_driver,
-        })
-    }
-}
-
-/// [`Assignment`] on the wire (`a{sv}`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct AssignmentWire {
-    pub address: String,
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub subsystem_vendor_id: u16,
-    pub subsystem_device_id: u16,
-    pub previous_driver: Option<String>,
-    pub persistent: bool,
-    pub refused: Option<String>,
-}
-
-impl From<&Assignment> for AssignmentWire {
-    fn from(a: &Assignment) -> Self {
-        Self {
-            address: a.address.to_string(),
-            vendor_id: a.identity.vendor_id,
-            device_id: a.identity.device_id,
-            subsystem_vendor_id: a.identity.subsystem_vendor_id,
-            subsystem_device_id: a.identity.subsystem_device_id,
-            previous_driver: a.previous_driver.clone(),
-            persistent: a.persistent,
-            refused: a.refused.clone(),
-        }
-    }
-}
-
-impl TryFrom<AssignmentWire> for Assignment {
-    type Error = WireError;
-
-    fn try_from(w: AssignmentWire) -> Result<Self, WireError> {
-        Ok(Self {
-            address: address("assignment address", &w.address)?,
-            identity: DeviceIdentity {
-                vendor_id: w.vendor_id,
-                device_id: w.device_id,
-                subsystem_vendor_id: w.subsystem_vendor_id,
-                subsystem_device_id: w.subsystem_device_id,
-            },
-            previous_driver: w.previous_driver,
-            persistent: w.persistent,
-            refused: w.refused,
-        })
-    }
-}
-
-/// [`Status`] on the wire (`a{sv}`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct StatusWire {
-    pub version: String,
-    pub uptime_secs: u64,
-    pub assignments: Vec<AssignmentWire>,
-    pub last_errors: Vec<String>,
-}
-
-impl From<&Status> for StatusWire {
-    fn from(s: &Status) -> Self {
-        Self {
-            version: s.version.clone(),
-            uptime_secs: s.uptime_secs,
-            assignments: s.assignments.iter().map(AssignmentWire::from).collect(),
-            last_errors: s.last_errors.clone(),
-        }
-    }
-}
-
-impl TryFrom<StatusWire> for Status {
-    type Error = WireError;
-
-    fn try_from(w: StatusWire) -> Result<Self, WireError> {
-        Ok(Self {
-            version: w.version,
-            uptime_secs: w.uptime_secs,
-            assignments: w
-                .assignments
-                .into_iter()
-                .map(Assignment::try_from)
-                .collect::<Result<_, _>>()?,
-            last_errors: w.last_errors,
-        })
-    }
-}
-
-/// [`VfInfo`] on the wire (`a{sv}`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, SerializeDict, DeserializeDict, Type)]
-#[zvariant(signature = "dict", crate = "zbus::zvariant")]
-pub struct VfWire {
-    pub index: u32,
-    pub address: String,
-    pub driver: Option<String>,
-    pub iommu_group: Option<u32>,
-    pub assigned: bool,
-    pub in_use_by: Option<String>,
-}
-
-impl From<&VfInfo> for VfWire {
-    fn from(v: &VfInfo) -> Self {
-        Self {
-            index: v.index,
-            address: v.address.to_string(),
-            driver: v.driver.clone(),
-            iommu_group: v.iommu_group,
-            assigned: v.assigned,
-            in_use_by: v.in_use_by.clone(),
-        }
-    }
-}
-
-impl TryFrom<VfWire> for VfInfo {
-    type Error = WireError;
-
-    fn try_from(w: VfWire) -> Result<Self, WireError> {
-        Ok(Self {
-            index: w.index,
-            address: address("VF address", &w.address)?,
-            driver: w.driver,
-            iommu_group: w.iommu_group,
-            assigned: w.assigned,
-            in_use_by: w.in_use_by,
+            sriov,
+            vf_of,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
-    use zbus::zvariant::{LE, serialized::Context, to_bytes};
+    use crate::{
+        ApplyReport, Assignment, Change, DeviceIdentity, GroupBlocker, IommuGroup, PlannedChange,
+        Refusal, Status, VfInfo,
+    };
+    use zbus::zvariant::serialized::Context;
+    use zbus::zvariant::{LE, to_bytes};
 
-    fn round_trip<T>(value: &T) -> T
-    where
-        T: Serialize + for<'de> Deserialize<'de> + Type,
-    {
+    /// Through D-Bus bytes and back, as a reply travels.
+    fn round_trip<T: Serialize + DeserializeOwned>(value: &T) -> T {
+        let dict = to_dict(value).unwrap();
         let ctxt = Context::new_dbus(LE, 0);
-        let bytes = to_bytes(ctxt, value).unwrap();
-        bytes.deserialize().unwrap().0
+        let bytes = to_bytes(ctxt, &dict).unwrap();
+        let back: Dict = bytes.deserialize().unwrap().0;
+        from_dict("test value", back).unwrap()
     }
 
     fn function() -> PciFunction {
@@ -478,14 +313,14 @@ mod tests {
             vendor_id: 0x8086,
             device_id: 0x10ca,
             subsystem_vendor_id: 0x8086,
-            subsystem_device_id: 1,
+            subsystem_device_id: 0,
             class: 0x020000,
             vendor_name: Some("Intel Corporation".into()),
             device_name: None,
             class_name: Some("Ethernet controller".into()),
             driver: None,
             driver_override: Some("vfio-pci".into()),
-            iommu_group: Some(12),
+            iommu_group: Some(17),
             numa_node: None,
             boot_vga: false,
             sriov: None,
@@ -497,78 +332,39 @@ mod tests {
     }
 
     #[test]
-    fn signatures_are_dicts() {
-        assert_eq!(FunctionWire::SIGNATURE.to_string(), "a{sv}");
-        assert_eq!(GroupWire::SIGNATURE.to_string(), "a{sv}");
-        assert_eq!(<Vec<ChangeWire>>::SIGNATURE.to_string(), "aa{sv}");
-        assert_eq!(StatusWire::SIGNATURE.to_string(), "a{sv}");
-    }
-
-    #[test]
-    fn a_function_survives_a_list_row() {
+    fn signatures_are_dicts_and_rows() {
+        assert_eq!(Dict::SIGNATURE.to_string(), "a{sv}");
         assert_eq!(FunctionRow::SIGNATURE.to_string(), "(sqqqqusssssxxbuubsu)");
-        let mut f = function();
-        let row = round_trip(&FunctionRow::from(&f));
-        assert_eq!((row.driver.as_str(), row.numa_node), ("", -1));
-        assert_eq!(PciFunction::try_from(row).unwrap(), f);
-        f.vf_of = None;
-        f.driver = Some("igb".into());
-        f.driver_override = None;
-        f.iommu_group = Some(0);
-        f.numa_node = Some(1);
-        for autoprobe in [true, false] {
-            f.sriov = Some(SriovPf {
-                total_vfs: 7,
-                num_vfs: 3,
-                drivers_autoprobe: autoprobe,
-            });
-            let back = PciFunction::try_from(round_trip(&FunctionRow::from(&f))).unwrap();
-            assert_eq!(back, f);
-        }
-        let mut bad = FunctionRow::from(&f);
-        bad.iommu_group = -2;
-        assert!(PciFunction::try_from(bad.clone()).is_err());
-        bad.iommu_group = i64::from(u32::MAX) + 1;
-        assert!(PciFunction::try_from(bad.clone()).is_err());
-        bad.iommu_group = 3;
-        bad.vf_pf = "../x".into();
-        assert!(PciFunction::try_from(bad).is_err());
     }
 
     #[test]
-    fn a_function_survives_the_wire() {
-        let mut f = function();
-        assert_eq!(
-            PciFunction::try_from(round_trip(&FunctionWire::from(&f))).unwrap(),
-            f
-        );
-        f.vf_of = None;
-        f.sriov = Some(SriovPf {
+    fn a_function_survives_a_list_row_and_a_dict() {
+        let f = function();
+        assert_eq!(PciFunction::try_from(FunctionRow::from(&f)).unwrap(), f);
+        let mut pf = f.clone();
+        pf.vf_of = None;
+        pf.sriov = Some(SriovPf {
             total_vfs: 7,
             num_vfs: 0,
             drivers_autoprobe: false,
         });
-        f.numa_node = Some(1);
-        assert_eq!(
-            PciFunction::try_from(round_trip(&FunctionWire::from(&f))).unwrap(),
-            f
-        );
+        pf.iommu_group = None;
+        assert_eq!(PciFunction::try_from(FunctionRow::from(&pf)).unwrap(), pf);
+        assert_eq!(round_trip(&f), f);
+        assert_eq!(round_trip(&pf), pf);
     }
 
     #[test]
     fn absent_values_are_absent_keys() {
-        let ctxt = Context::new_dbus(LE, 0);
-        let bytes = to_bytes(ctxt, &FunctionWire::from(&function())).unwrap();
-        let map: std::collections::HashMap<String, zbus::zvariant::OwnedValue> =
-            bytes.deserialize().unwrap().0;
-        assert!(map.contains_key("driver_override"));
-        assert!(!map.contains_key("driver"));
-        assert!(!map.contains_key("numa_node"));
-        assert!(!map.contains_key("sriov_total_vfs"));
+        let dict = to_dict(&function()).unwrap();
+        assert!(dict.contains_key("driver_override"));
+        assert!(!dict.contains_key("driver"));
+        assert!(!dict.contains_key("numa_node"));
+        assert!(!dict.contains_key("sriov"));
     }
 
     #[test]
-    fn groups_status_and_changes_survive_the_wire() {
+    fn every_model_type_survives_the_wire() {
         let group = IommuGroup {
             id: 3,
             members: vec!["0000:00:1f.0".parse().unwrap()],
@@ -579,15 +375,13 @@ mod tests {
                 driver: "lpc_ich".into(),
             }],
         };
-        assert_eq!(
-            IommuGroup::try_from(round_trip(&GroupWire::from(&group))).unwrap(),
-            group
-        );
+        assert_eq!(round_trip(&group), group);
         let status = Status {
             version: "0.1.0".into(),
             uptime_secs: 42,
             assignments: vec![Assignment {
                 address: "0000:01:00.0".parse().unwrap(),
+                vf: None,
                 identity: DeviceIdentity {
                     vendor_id: 1,
                     device_id: 2,
@@ -596,32 +390,63 @@ mod tests {
                 },
                 previous_driver: Some("igb".into()),
                 persistent: true,
+                sources: vec!["request".into(), "config".into()],
                 refused: None,
+                state: Some("drift: on igb".into()),
             }],
+            vf_sets: Vec::new(),
+            config: None,
+            pending: vec!["assign (IOMMU group 4): pending".into()],
+            unfinished: Vec::new(),
             last_errors: vec!["x".into()],
         };
-        assert_eq!(
-            Status::try_from(round_trip(&StatusWire::from(&status))).unwrap(),
-            status
-        );
+        assert_eq!(round_trip(&status), status);
         let change = Change {
             address: "0000:01:00.0".parse().unwrap(),
             old_driver: Some("igb".into()),
             new_driver: None,
         };
-        assert_eq!(
-            Change::try_from(round_trip(&ChangeWire::from(&change))).unwrap(),
-            change
-        );
+        assert_eq!(round_trip(&change), change);
+        let vf = VfInfo {
+            index: 2,
+            address: "0000:01:10.4".parse().unwrap(),
+            driver: Some("vfio-pci".into()),
+            iommu_group: Some(20),
+            assigned: true,
+            in_use_by: Some("qemu (pid 7)".into()),
+        };
+        assert_eq!(round_trip(&vf), vf);
+        let report = ApplyReport {
+            dry_run: true,
+            changes: vec![PlannedChange {
+                entry: "[[device]] 0000:01:00.0 (line 3)".into(),
+                function: "0000:01:00.0".into(),
+                from: Some("igb".into()),
+                to: Some("vfio-pci".into()),
+            }],
+            refused: vec![Refusal {
+                entry: "x".into(),
+                function: None,
+                reason: "y".into(),
+            }],
+            ..ApplyReport::default()
+        };
+        assert_eq!(round_trip(&report), report);
     }
 
     #[test]
     fn a_malformed_address_from_the_daemon_is_an_error() {
-        let wire = FunctionWire {
+        let row = FunctionRow {
             address: "../x".into(),
-            ..FunctionWire::default()
+            ..FunctionRow::default()
         };
-        let err = PciFunction::try_from(wire).unwrap_err();
+        let err = PciFunction::try_from(row).unwrap_err();
         assert!(err.to_string().contains("malformed function address"));
+        let mut dict = to_dict(&function()).unwrap();
+        dict.insert(
+            "address".into(),
+            OwnedValue::try_from(Value::from("../x")).unwrap(),
+        );
+        assert!(from_dict::<PciFunction>("function", dict).is_err());
     }
 }

@@ -13,11 +13,12 @@ use std::time::Duration;
 use passthroughd::engine::Caller;
 use passthroughd::error::Error;
 use passthroughd::observe::host;
-use passthroughd::service::{self, Engine, ServiceConfig};
+use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::{
-    AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
+    ApplyReport, AssignOptions, Change, ConfigState, HostReport, PciAddress, ReleaseOptions,
+    Status, VfCreateOptions, VfInfo,
 };
 use passthroughd_testkit::synthetic::{self, HostShape};
 
@@ -108,8 +109,11 @@ impl Drop for TestBus {
 pub enum Call {
     Assign(Caller, Vec<PciAddress>, AssignOptions),
     Release(Caller, Vec<PciAddress>, ReleaseOptions),
-    /// pf, count, assign, runtime
-    VfCreate(Caller, PciAddress, u32, bool, bool),
+    /// pf, count, assign, runtime, force
+    VfCreate(Caller, PciAddress, u32, bool, bool, bool),
+    /// dry run
+    Apply(Caller, bool),
+    Reload,
     /// pf, force
     VfDestroy(Caller, PciAddress, bool),
 }
@@ -159,7 +163,7 @@ impl ScriptedEngine {
                 reason: "it carries the default route via eth0".into(),
             }),
             Script::Busy => Err(Error::Busy(format!("{first} is open by a VM"))),
-            Script::Failed => Err(Error::Kernel {
+            Script::Failed => Err(Error::Write {
                 what: format!("writing {first}/driver_override"),
                 source: std::io::Error::from_raw_os_error(5),
             }),
@@ -183,7 +187,7 @@ impl ScriptedEngine {
     }
 }
 
-impl Engine for ScriptedEngine {
+impl Backend for ScriptedEngine {
     fn inventory(&self) -> Result<Arc<Inventory>, Error> {
         Ok(Arc::new(Inventory::scan(&self.root, &PciIds::empty())?))
     }
@@ -216,13 +220,17 @@ impl Engine for ScriptedEngine {
         caller: &Caller,
         pf: PciAddress,
         count: u32,
-        assign: bool,
-        runtime: bool,
+        options: VfCreateOptions,
     ) -> Result<Vec<VfInfo>, Error> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Call::VfCreate(caller.clone(), pf, count, assign, runtime));
+        let assign = options.assign;
+        self.calls.lock().unwrap().push(Call::VfCreate(
+            caller.clone(),
+            pf,
+            count,
+            assign,
+            options.runtime,
+            options.force,
+        ));
         self.answer(&[pf], true)?;
         Ok((0..count)
             .map(|index| VfInfo {
@@ -273,8 +281,26 @@ impl Engine for ScriptedEngine {
             version: "test".into(),
             uptime_secs: 7,
             assignments: Vec::new(),
+            vf_sets: Vec::new(),
+            config: None,
+            pending: Vec::new(),
+            unfinished: Vec::new(),
             last_errors: Vec::new(),
         })
+    }
+    fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::Apply(caller.clone(), dry_run));
+        Ok(ApplyReport {
+            dry_run,
+            ..ApplyReport::default()
+        })
+    }
+    fn reload(&self) -> Result<ConfigState, Error> {
+        self.calls.lock().unwrap().push(Call::Reload);
+        Ok(ConfigState::default())
     }
     /// The real report of the tree, as the daemon builds it.
     fn host_report(&self) -> Result<HostReport, Error> {
@@ -322,7 +348,7 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap();
-        let dyn_engine: Arc<dyn Engine> = engine.clone();
+        let dyn_engine: Arc<dyn Backend> = engine.clone();
         let connection = runtime
             .block_on(service::serve(&bus.bus(), dyn_engine, config))
             .unwrap();

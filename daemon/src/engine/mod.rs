@@ -1,119 +1,124 @@
-//! The engine: every operation the daemon offers, as plain blocking calls. The D-Bus service
-//! (`service.rs`) is a thin layer over this; tests drive it directly over a simulated kernel.
+//! The engine: every operation the daemon offers, as plain blocking calls. The D-Bus service is
+//! a thin layer over it; tests drive it directly over a simulated kernel.
 //!
-//! Concurrency contract: methods take `&self`; operations on different IOMMU groups may run in
-//! parallel, operations touching the same group are serialized, and `inventory`/`status`/
-//! `host_report` never wait for a slow bind. Callers run these on a blocking thread, never on the async
-//! dispatch path.
+//! Every mutation is the same story, told once: lock the IOMMU groups it touches, read them
+//! fresh, let a planner (`planner/`) decide the [`plan::Plan`], and hand it to the one
+//! [`executor::Executor`], which journals it, runs it, undoes it on failure, records what it
+//! changed and answers. Crash recovery finishes or undoes journaled plans; the desired state
+//! (config and stored requests) is planned and executed the same way at start and on `apply`.
+//!
+//! Concurrency: methods take `&self`; operations on different IOMMU groups run in parallel,
+//! operations on the same group are serialized, and readers (`inventory`, `status`,
+//! `host_report`) never wait for a write.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
-use std::path::PathBuf;
+pub mod executor;
+pub mod locks;
+pub mod plan;
+pub mod planner;
+pub mod registry;
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use passthroughd_proto::device::driver_is_vfio_safe;
+use passthroughd_proto::config::Config;
+use passthroughd_proto::device::driver_is_vfio;
 use passthroughd_proto::{
-    AssignOptions, Assignment, Change, DeviceIdentity, HostReport, PciAddress, PciFunction,
-    ReleaseOptions, Status,
+    ApplyReport, AssignOptions, Assignment, Change, ConfigState, HostReport, PciAddress,
+    PciFunction, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo, VfOf, VfSetStatus,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::engine::executor::{Executor, ExecutorSetup, Listener, inventory_of};
+use crate::engine::locks::{LockGuard, Locks};
+use crate::engine::plan::{Claim, LockKey, Plan, Step, Target};
+use crate::engine::planner::desired::{self, Phase};
+use crate::engine::planner::vfs::VfCreate;
+use crate::engine::planner::{View, list};
+use crate::engine::registry::Registry;
 use crate::error::Error;
 use crate::kernel::Kernel;
-use crate::kernel::driver::{Binder, DEFAULT_WRITE_TIMEOUT, VFIO_PCI};
+use crate::kernel::driver::{Drivers, InFlight, VFIO_PCI};
 use crate::kernel::sysfs::read_link_name;
-use crate::observe::guard::{
-    AddressProvider, HostSnapshot, Severity, StaticAddresses, SystemAddresses,
-};
-use crate::store::journal::{self, Intent, IntentFunction, JournalEntry, Operation};
-use crate::store::state::{State, StoredAssignment, StoredIdentity};
+use crate::observe::guard::{AddressProvider, HostSnapshot, StaticAddresses, SystemAddresses};
+use crate::observe::inventory::Avoid;
+use crate::store::config::ConfigSlot;
+use crate::store::journal;
+use crate::store::state::State;
 use crate::{Inventory, PciIds, SysfsRoot};
 
-#[path = "sriov_old.rs"]
-mod sriov;
-pub use sriov::DEFAULT_VF_WAIT;
-
-/// Wall time of each phase of one request, logged in one debug line at the end: where a slow
-/// assign spends its time (scan, guard, journal, each kernel write...) without a profiler.
-struct Phases {
-    what: &'static str,
-    last: Instant,
-    parts: Vec<(&'static str, Duration)>,
-}
-
-impl Phases {
-    fn start(what: &'static str) -> Self {
-        Self {
-            what,
-            last: Instant::now(),
-            parts: Vec::new(),
-        }
-    }
-
-    /// Ends the phase running now under `name`.
-    fn mark(&mut self, name: &'static str) {
-        let now = Instant::now();
-        self.parts.push((name, now - self.last));
-        self.last = now;
-    }
-}
-
-impl Drop for Phases {
-    fn drop(&mut self) {
-        let total: Duration = self.parts.iter().map(|(_, d)| *d).sum();
-        let parts: Vec<String> = self
-            .parts
-            .iter()
-            .map(|(n, d)| format!("{n}={:.1}", d.as_secs_f64() * 1e3))
-            .collect();
-        debug!(request = self.what, total_ms = total.as_secs_f64() * 1e3, phases_ms = %parts.join(" "), "timing");
-    }
-}
-
-/// Who asked, for the log line every mutation writes (authorization happens before this).
+/// Who asked, for the log line every mutation writes (authorization happens before this), and
+/// until when they wait: a request still queued past its deadline is dropped unstarted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     /// Unique bus name (`:1.42`), or a fixed label for the daemon's own start-up work.
     pub bus_name: String,
+    pub deadline: Option<Instant>,
+}
+
+impl Caller {
+    pub fn new(uid: u32, bus_name: impl Into<String>) -> Self {
+        Self {
+            uid,
+            bus_name: bus_name.into(),
+            deadline: None,
+        }
+    }
+
+    /// The request is dropped, unstarted, once its caller stopped waiting.
+    fn check_deadline(&self, what: &'static str) -> Result<(), Error> {
+        match self.deadline {
+            Some(d) if Instant::now() >= d => Err(Error::Cancelled(what)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Everything the engine needs from its environment.
-pub struct ManagerConfig {
+pub struct EngineConfig {
     pub root: SysfsRoot,
-    /// Holds state.toml and the journal.
+    /// Holds state.toml, the journal and the last good copy of the config.
     pub state_dir: PathBuf,
     /// The one seam for kernel-facing writes.
     pub kernel: Arc<dyn Kernel>,
     pub ids: Arc<PciIds>,
+    /// The declarative config (`None`: none, an empty desired state).
+    pub config: Option<PathBuf>,
 }
 
-impl std::fmt::Debug for ManagerConfig {
+impl std::fmt::Debug for EngineConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagerConfig")
+        f.debug_struct("EngineConfig")
             .field("root", &self.root)
             .field("state_dir", &self.state_dir)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-/// What start-up did: journal recovery and persisted assignments re-applied or refused.
+/// What start-up did: journal recovery, then the desired state applied.
 #[derive(Debug, Clone, Default)]
 pub struct StartupReport {
     pub recovered: Vec<String>,
+    /// Stored requests on vfio-pci (put there, or already there).
     pub applied: Vec<PciAddress>,
+    /// Stored requests (and VF sets) not applied, and why.
     pub refused: Vec<(PciAddress, String)>,
-    /// PFs whose persisted VFs were recreated.
+    /// PFs whose stored VFs are there (recreated, or already there).
     pub vfs: Vec<PciAddress>,
+    /// The config and the rest of the desired state, as `apply` reports it.
+    pub apply: ApplyReport,
 }
 
-/// Tunables and seams beyond [`ManagerConfig`], with defaults from [`EngineOptions::for_root`].
+/// Tunables and seams beyond [`EngineConfig`], with defaults from [`EngineOptions::for_root`].
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Where interface addresses come from (IPv4 is not in /proc in a simple form).
     pub addresses: Arc<dyn AddressProvider>,
-    /// How long one sysfs write may take before the request gets Busy.
+    /// How long a caller waits for a sysfs write before it is answered (the write goes on).
     pub write_timeout: Duration,
     /// How long a request waits for another request on the same IOMMU group before Busy.
     pub group_wait: Duration,
@@ -121,11 +126,26 @@ pub struct EngineOptions {
     pub vf_wait: Duration,
 }
 
+/// How long a caller waits for one sysfs write before it is told the write is pending.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a request waits for a busy IOMMU group before answering Busy.
+pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(5);
+/// How long `vf create` waits for the kernel to show the new VFs.
+pub const DEFAULT_VF_WAIT: Duration = Duration::from_secs(10);
+/// The most functions one request may name (`InvalidArgument` beyond): a host has a few
+/// thousand, and a reply must stay far below the bus's message limit.
+pub const MAX_ADDRESSES: usize = 1024;
+/// How many recent failures `status` keeps, and how long each line may be.
+const ERROR_RING: usize = 20;
+const ERROR_LINE: usize = 400;
+/// How many units of the desired state run at once.
+const APPLY_WORKERS: usize = 4;
+
 impl EngineOptions {
     /// The host's own interfaces when the root is `/`; none for a fake root, whose interface
     /// names would otherwise be confused with the host's.
     pub fn for_root(root: &SysfsRoot) -> Self {
-        let addresses: Arc<dyn AddressProvider> = if root.root() == std::path::Path::new("/") {
+        let addresses: Arc<dyn AddressProvider> = if root.root() == Path::new("/") {
             Arc::new(SystemAddresses)
         } else {
             Arc::new(StaticAddresses::default())
@@ -139,219 +159,177 @@ impl EngineOptions {
     }
 }
 
-/// How long a request waits for a busy IOMMU group before answering Busy.
-pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(5);
-/// At most this many IOMMU groups are bound at once by one request.
-const MAX_BIND_THREADS: usize = 8;
-/// How many recent failures `status` keeps.
-const ERROR_RING: usize = 20;
-
-/// What a request locks: its functions' IOMMU groups (a function without one, by address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum LockKey {
-    Group(u32),
-    Function(PciAddress),
-}
-
-impl std::fmt::Display for LockKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Group(g) => write!(f, "IOMMU group {g}"),
-            Self::Function(a) => write!(f, "{a}"),
-        }
-    }
-}
-
-fn lock_key(f: &PciFunction) -> LockKey {
-    f.iommu_group
-        .map_or(LockKey::Function(f.address), LockKey::Group)
-}
-
-fn identity_of(f: &PciFunction) -> DeviceIdentity {
-    DeviceIdentity {
-        vendor_id: f.vendor_id,
-        device_id: f.device_id,
-        subsystem_vendor_id: f.subsystem_vendor_id,
-        subsystem_device_id: f.subsystem_device_id,
-    }
-}
-
-fn show_identity(id: &DeviceIdentity) -> String {
-    format!(
-        "{:04x}:{:04x} (subsystem {:04x}:{:04x})",
-        id.vendor_id, id.device_id, id.subsystem_vendor_id, id.subsystem_device_id
-    )
-}
-
-fn list(addresses: &[PciAddress]) -> String {
-    addresses
-        .iter()
-        .map(PciAddress::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Locks (a poisoned lock only means another request panicked; the data is still coherent
-/// because every update is a single insert or remove).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The label start-up work logs as its caller.
-fn startup_caller() -> Caller {
-    Caller {
-        uid: 0,
-        bus_name: "startup".into(),
-    }
-}
-
-#[derive(Debug)]
-pub struct Manager {
-    config: ManagerConfig,
-    options: EngineOptions,
-    binder: Binder,
-    started: Instant,
-    /// Active assignments (runtime and persistent), by address.
-    records: Mutex<BTreeMap<PciAddress, Assignment>>,
-    /// Persisted assignments refused at start (kept in state.toml; shown in `status`).
-    refused: Mutex<Vec<Assignment>>,
-    errors: Mutex<VecDeque<String>>,
-    /// Groups (or group-less functions) some request is working on now.
-    busy: Mutex<HashSet<LockKey>>,
-    freed: Condvar,
-    /// Serializes read-modify-write of state.toml between requests on different groups.
-    state_lock: Mutex<()>,
-    /// Readers' copy of the last scan (see [`Manager::snapshot`]): the generation it was taken
-    /// at, when, and the scan.
-    cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
-    /// Bumped whenever a request lets go of its groups and on every kernel PCI uevent.
-    generation: AtomicU64,
-    /// Set while something reports outside changes through [`Manager::invalidate_inventory`].
-    cache_enabled: AtomicBool,
-    /// VFs the daemon created, by PF.
-    vfs: Mutex<BTreeMap<PciAddress, sriov::VfRecord>>,
-}
-
 /// How long a cached inventory may serve readers. Some changes made outside the daemon raise
 /// no uevent (writes to `driver_override` or `sriov_drivers_autoprobe`); this bounds how stale
 /// a read can be after one of those.
 pub const INVENTORY_CACHE_TTL: Duration = Duration::from_secs(1);
 
-/// Holds a request's groups; dropping it lets the next request on them in.
-struct GroupGuard<'a> {
-    manager: &'a Manager,
-    keys: BTreeSet<LockKey>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another request panicked; every update is a single replace.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Drop for GroupGuard<'_> {
-    fn drop(&mut self) {
-        let mut busy = lock(&self.manager.busy);
-        for key in &self.keys {
-            busy.remove(key);
-        }
-        // Every mutation holds its groups while it writes: once it lets go, readers must see
-        // what it did, even before the kernel's uevents arrive.
-        self.manager.invalidate_inventory();
-        self.manager.freed.notify_all();
-    }
+/// The label start-up work logs as its caller.
+fn startup_caller() -> Caller {
+    Caller::new(0, "startup")
 }
 
-impl Manager {
-    /// Loads state, finishes or rolls back whatever the journal says was in flight, then
-    /// re-applies persisted assignments (refusing any whose address now holds another device).
-    pub fn open(config: ManagerConfig) -> Result<(Self, StartupReport), Error> {
+#[derive(Debug)]
+pub struct Engine {
+    root: SysfsRoot,
+    ids: Arc<PciIds>,
+    state_dir: PathBuf,
+    options: EngineOptions,
+    drivers: Drivers,
+    in_flight: Arc<InFlight>,
+    locks: Arc<Locks>,
+    executor: Arc<Executor>,
+    registry: Arc<Mutex<Registry>>,
+    config: Mutex<ConfigSlot>,
+    started: Instant,
+    errors: Mutex<VecDeque<String>>,
+    /// Readers' copy of the last scan (see [`Engine::snapshot`]): the generation it was taken
+    /// at, when, and the scan.
+    cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
+    /// One readers' scan at a time: the others wait for it and share it.
+    scanning: Mutex<()>,
+    /// Bumped whenever an operation lets go of its groups and on every kernel PCI uevent.
+    generation: Arc<AtomicU64>,
+    /// Set while something reports outside changes through [`Engine::invalidate_inventory`].
+    cache_enabled: AtomicBool,
+}
+
+impl Engine {
+    /// Loads state, finishes or undoes whatever the journal says was in flight, then applies
+    /// the desired state (config and stored requests).
+    pub fn open(config: EngineConfig) -> Result<(Self, StartupReport), Error> {
         let options = EngineOptions::for_root(&config.root);
         Self::open_with(config, options)
     }
 
     /// [`Self::open`] with explicit [`EngineOptions`] (tests inject addresses and timeouts).
     pub fn open_with(
-        config: ManagerConfig,
+        config: EngineConfig,
         options: EngineOptions,
     ) -> Result<(Self, StartupReport), Error> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-            Error::Failed(format!(
-                "creating state directory {}: {e}",
-                config.state_dir.display()
-            ))
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| {
+            crate::error::StoreError::Io {
+                what: "creating the state directory",
+                path: config.state_dir.clone(),
+                source,
+            }
         })?;
         // Fails on an unknown state version before anything is touched.
-        State::load(&config.state_dir)?;
-        let binder = Binder::new(
+        let registry = Arc::new(Mutex::new(Registry::from_state(&State::load(
+            &config.state_dir,
+        )?)));
+        let in_flight = Arc::new(InFlight::default());
+        let drivers = Drivers::new(
             config.root.clone(),
             Arc::clone(&config.kernel),
-            options.write_timeout,
+            Arc::clone(&in_flight),
         );
-        let manager = Self {
-            config,
-            options,
-            binder,
-            started: Instant::now(),
-            records: Mutex::new(BTreeMap::new()),
-            refused: Mutex::new(Vec::new()),
-            errors: Mutex::new(VecDeque::new()),
-            busy: Mutex::new(HashSet::new()),
-            freed: Condvar::new(),
-            state_lock: Mutex::new(()),
-            cached: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            cache_enabled: AtomicBool::new(false),
-            vfs: Mutex::new(BTreeMap::new()),
+        let generation = Arc::new(AtomicU64::new(0));
+        let executor = Executor::new(ExecutorSetup {
+            drivers: drivers.clone(),
+            ids: Arc::clone(&config.ids),
+            state_dir: config.state_dir.clone(),
+            registry: Arc::clone(&registry),
+            addresses: Arc::clone(&options.addresses),
+            write_timeout: options.write_timeout,
+            vf_wait: options.vf_wait,
+            group_wait: options.group_wait,
+        });
+        let slot = match &config.config {
+            Some(path) => ConfigSlot::open(path, &config.state_dir),
+            None => ConfigSlot::open(&config.state_dir.join("no-config.toml"), &config.state_dir),
         };
-        let mut report = StartupReport::default();
-        manager.recover(&mut report)?;
-        // VFs first: an assignment of a VF needs the VF to exist.
-        manager.reapply_vfs(&mut report)?;
-        manager.reapply(&mut report)?;
-        Ok((manager, report))
-    }
-
-    /// A fresh scan of functions and groups. Takes no lock: never waits for a bind. Every
-    /// decision the engine makes uses this, never the readers' cache.
-    pub fn inventory(&self) -> Result<Inventory, Error> {
-        Ok(Inventory::scan(&self.config.root, &self.config.ids)?)
-    }
-
-    /// Just the functions and groups behind `keys`, read fresh: what a request holding those
-    /// locks plans with (a whole-host scan costs ten times more on a small host, and grows
-    /// with it).
-    fn inventory_of(&self, keys: &BTreeSet<LockKey>) -> Result<Inventory, Error> {
-        let mut groups = Vec::new();
-        let mut loose = Vec::new();
-        for key in keys {
-            match *key {
-                LockKey::Group(g) => groups.push(g),
-                LockKey::Function(a) => loose.push(a),
-            }
+        let engine = Self {
+            root: config.root,
+            ids: config.ids,
+            state_dir: config.state_dir,
+            options,
+            drivers,
+            in_flight,
+            locks: Locks::new(Arc::clone(&generation)),
+            executor,
+            registry,
+            config: Mutex::new(slot),
+            started: Instant::now(),
+            errors: Mutex::new(VecDeque::new()),
+            cached: Mutex::new(None),
+            scanning: Mutex::new(()),
+            generation,
+            cache_enabled: AtomicBool::new(false),
+        };
+        if let Some(e) = lock(&engine.config).state().error {
+            engine.note_error(&format!("config: {e}"));
         }
-        Ok(Inventory::scan_groups(
-            &self.config.root,
-            &self.config.ids,
-            &groups,
-            &loose,
-        )?)
+        let mut report = StartupReport {
+            recovered: engine.recover()?,
+            ..StartupReport::default()
+        };
+        engine.start_apply(&mut report)?;
+        Ok((engine, report))
+    }
+
+    /// Where plans that finish after their caller was answered are announced.
+    pub fn set_listener(&self, listener: Listener) {
+        self.executor.set_listener(listener);
+    }
+
+    /// A fresh scan of functions and groups. Takes no lock: never waits for a bind, and never
+    /// reads an attribute the kernel has locked for a write in flight.
+    pub fn inventory(&self) -> Result<Inventory, Error> {
+        let last = lock(&self.cached).as_ref().map(|(_, _, i)| Arc::clone(i));
+        let skip = |a: PciAddress| self.write_in_flight(a);
+        let avoid = Avoid {
+            skip: &skip,
+            last: last.as_deref(),
+        };
+        Ok(Inventory::scan_with(&self.root, &self.ids, &avoid)?)
+    }
+
+    /// Whether a write on `address` (or on its PF's VF count) is in flight.
+    fn write_in_flight(&self, address: PciAddress) -> bool {
+        self.in_flight.contains(address)
+            || (self.in_flight.any_pf()
+                && read_link_name(&self.root.pci_device_attr(address, "physfn"))
+                    .ok()
+                    .flatten()
+                    .and_then(|pf| pf.parse().ok())
+                    .is_some_and(|pf| self.in_flight.is_pf(pf)))
     }
 
     /// The inventory for readers (list, groups, show). While the cache is enabled (the daemon's
     /// uevent listener runs), repeated reads share one scan until something changes: a request
     /// finished, a PCI uevent arrived, or [`INVENTORY_CACHE_TTL`] passed. Without the listener
-    /// every read scans.
+    /// every read scans. Concurrent readers share one scan.
     pub fn snapshot(&self) -> Result<Arc<Inventory>, Error> {
+        let fresh = |generation: u64| {
+            lock(&self.cached).as_ref().and_then(|(g, at, inventory)| {
+                (*g == generation && at.elapsed() < INVENTORY_CACHE_TTL)
+                    .then(|| Arc::clone(inventory))
+            })
+        };
         if !self.cache_enabled.load(Ordering::Acquire) {
-            return Ok(Arc::new(self.inventory()?));
+            let inventory = Arc::new(self.inventory()?);
+            *lock(&self.cached) = Some((u64::MAX, Instant::now(), Arc::clone(&inventory)));
+            return Ok(inventory);
         }
         // Taken before the scan: a change during the scan leaves the entry already stale.
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some((g, at, inventory)) = &*lock(&self.cached)
-            && *g == generation
-            && at.elapsed() < INVENTORY_CACHE_TTL
-        {
-            return Ok(Arc::clone(inventory));
+        if let Some(inventory) = fresh(generation) {
+            return Ok(inventory);
+        }
+        let _one_scan = lock(&self.scanning);
+        if let Some(inventory) = fresh(generation) {
+            return Ok(inventory);
         }
         let started = Instant::now();
-        let fresh = Arc::new(self.inventory()?);
-        *lock(&self.cached) = Some((generation, started, Arc::clone(&fresh)));
-        Ok(fresh)
+        let scanned = Arc::new(self.inventory()?);
+        *lock(&self.cached) = Some((generation, started, Arc::clone(&scanned)));
+        Ok(scanned)
     }
 
     /// Something changed outside the engine's knowledge (a kernel uevent): readers rescan.
@@ -365,21 +343,135 @@ impl Manager {
         self.cache_enabled.store(true, Ordering::Release);
     }
 
-    /// Every assignment the daemon knows of, persistent or runtime, plus persisted ones that
-    /// were refused at start (with `refused` set).
+    /// Every assignment the daemon holds, with where it comes from and what is wrong with it
+    /// now, plus stored VF sets that could not be recreated.
     pub fn assignments(&self) -> Vec<Assignment> {
-        let mut all: Vec<Assignment> = lock(&self.records).values().cloned().collect();
-        all.extend(lock(&self.refused).iter().cloned());
-        all.sort_by_key(|a| a.address);
+        let registry = lock(&self.registry).clone();
+        let mut all = Vec::new();
+        for (target, held) in registry.functions() {
+            let (address, vf) = match *target {
+                Target::Function(a) => (Some(a), None),
+                Target::Vf { pf, index } => (
+                    self.drivers.vf(pf, index).ok().flatten(),
+                    Some(VfOf { pf, index }),
+                ),
+            };
+            let present = address.is_some_and(|a| self.drivers.exists(a));
+            let driver = address.and_then(|a| self.drivers.current_driver(a).ok().flatten());
+            let state = if held.refused.is_some() {
+                None
+            } else if !present {
+                Some("absent: the device is not there now".to_owned())
+            } else if held.suspended {
+                Some("released for now (release --runtime); back at the next start".to_owned())
+            } else if !driver_is_vfio(driver.as_deref()) {
+                Some(format!(
+                    "drift: on {}, expected vfio-pci (passthroughctl apply puts it back)",
+                    driver.as_deref().unwrap_or("no driver")
+                ))
+            } else {
+                None
+            };
+            all.push(Assignment {
+                address: address.or(vf.map(|v| v.pf)).unwrap_or(match *target {
+                    Target::Function(a) | Target::Vf { pf: a, .. } => a,
+                }),
+                vf,
+                identity: held.identity,
+                previous_driver: held.previous_driver.clone(),
+                persistent: held.is_persistent(),
+                sources: held.claims.iter().map(|c| c.name().to_owned()).collect(),
+                refused: held.refused.clone(),
+                state,
+            });
+        }
+        for (pf, set) in registry.vf_sets() {
+            if let Some(why) = &set.refused {
+                all.push(Assignment {
+                    address: *pf,
+                    vf: None,
+                    identity: set.record.identity,
+                    previous_driver: None,
+                    persistent: set.record.claim.is_persistent(),
+                    sources: vec![set.record.claim.name().to_owned()],
+                    refused: Some(format!(
+                        "persisted {} VFs not recreated: {why}",
+                        set.record.count
+                    )),
+                    state: None,
+                });
+            }
+        }
+        all.sort_by_key(|a| (a.address, a.vf.map(|v| v.index)));
         all
     }
+
+    pub fn status(&self) -> Status {
+        let vf_sets = lock(&self.registry)
+            .vf_sets()
+            .map(|(pf, set)| VfSetStatus {
+                pf: *pf,
+                count: set.record.count,
+                assigned: set.record.assigned.iter().copied().collect(),
+                source: set.record.claim.name().to_owned(),
+                refused: set.refused.clone(),
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            assignments: self.assignments(),
+            vf_sets,
+            config: Some(lock(&self.config).state()),
+            pending: self.executor.pending(),
+            unfinished: self.executor.unfinished(),
+            last_errors: lock(&self.errors).iter().cloned().collect(),
+        }
+    }
+
+    /// The host capability report of the root this engine reads (the daemon's `--sysfs-root`),
+    /// MSRs through that root's dev/cpu/0/msr. Takes no lock: never waits for a bind.
+    pub fn host_report(&self) -> HostReport {
+        crate::observe::host::report_live(&self.root, &self.ids)
+    }
+
+    /// Stops taking mutations and waits until none is running.
+    pub fn stop(&self) {
+        self.executor.stop();
+    }
+
+    fn note_error(&self, line: &str) {
+        let mut line = line.replace('\n', " ");
+        if line.len() > ERROR_LINE {
+            let mut cut = ERROR_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str("...");
+        }
+        let mut errors = lock(&self.errors);
+        if errors.len() == ERROR_RING {
+            errors.pop_front();
+        }
+        errors.push_back(line);
+    }
+
+    /// "0000:01:00.0, 0000:02:00.0" or "0000:01:00.0 and 99 more".
+    fn short_list(addresses: &[PciAddress]) -> String {
+        match addresses {
+            [first, rest @ ..] if rest.len() > 3 => format!("{first} and {} more", rest.len()),
+            _ => list(addresses),
+        }
+    }
+
+    // --- requests ---
 
     /// Binds each function (or with `group`, each function's whole group) to vfio-pci.
     /// All or nothing: on any failure, functions already moved go back to their drivers.
     ///
-    /// A function already on vfio-pci is a success without a [`Change`] (assign is
-    /// idempotent, so scripts and the boot-time apply can repeat it); a persistent request
-    /// makes an existing runtime record persistent.
+    /// A function already on vfio-pci is a success without a [`Change`] (assign is idempotent,
+    /// so scripts can repeat it); a persistent request makes a runtime assignment persistent.
     pub fn assign(
         &self,
         caller: &Caller,
@@ -388,214 +480,9 @@ impl Manager {
     ) -> Result<Vec<Change>, Error> {
         let result = self.assign_inner(caller, addresses, options);
         if let Err(e) = &result {
-            self.note_error(&format!("assign {}: {e}", list(addresses)));
+            self.note_error(&format!("assign {}: {e}", Self::short_list(addresses)));
         }
         result
-    }
-
-    /// Returns each function to the driver it had before assignment (or the kernel's choice).
-    /// `runtime` keeps the persisted entry, so the assignment comes back at the next start.
-    pub fn release(
-        &self,
-        caller: &Caller,
-        addresses: &[PciAddress],
-        options: ReleaseOptions,
-    ) -> Result<Vec<Change>, Error> {
-        let result = self.release_inner(caller, addresses, options);
-        if let Err(e) = &result {
-            self.note_error(&format!("release {}: {e}", list(addresses)));
-        }
-        result
-    }
-
-    pub fn status(&self) -> Status {
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            assignments: self.assignments(),
-            last_errors: lock(&self.errors).iter().cloned().collect(),
-        }
-    }
-
-    /// The host capability report of the root this engine reads (the daemon's `--sysfs-root`),
-    /// MSRs through that root's dev/cpu/0/msr. Takes no lock: never waits for a bind.
-    pub fn host_report(&self) -> HostReport {
-        crate::observe::host::report_live(&self.config.root, &self.config.ids)
-    }
-
-    fn note_error(&self, line: &str) {
-        let line = line.replace('\n', " ");
-        let mut errors = lock(&self.errors);
-        if errors.len() == ERROR_RING {
-            errors.pop_front();
-        }
-        errors.push_back(line);
-    }
-
-    // --- request plumbing ---
-
-    /// Empty lists and duplicates are caller mistakes, caught before anything is read.
-    fn check_request(addresses: &[PciAddress]) -> Result<(), Error> {
-        if addresses.is_empty() {
-            return Err(Error::InvalidArgument("no PCI address given".into()));
-        }
-        let mut seen = HashSet::new();
-        for a in addresses {
-            if !seen.insert(*a) {
-                return Err(Error::InvalidArgument(format!(
-                    "{a} is listed more than once; name each function once"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn functions<'i>(
-        inventory: &'i Inventory,
-        addresses: &[PciAddress],
-    ) -> Result<Vec<&'i PciFunction>, Error> {
-        addresses
-            .iter()
-            .map(|a| inventory.function(*a).ok_or(Error::NoSuchDevice(*a)))
-            .collect()
-    }
-
-    /// The locks a request on `addresses` takes, read from each function's `iommu_group` link:
-    /// known without a scan, so a request's one scan runs under its locks. `--group` needs
-    /// nothing more: the other members share the group's key.
-    fn lock_keys(&self, addresses: &[PciAddress]) -> Result<BTreeSet<LockKey>, Error> {
-        addresses
-            .iter()
-            .map(|&address| {
-                if !self.binder.exists(address) {
-                    return Err(Error::NoSuchDevice(address));
-                }
-                let link = self.config.root.pci_device_attr(address, "iommu_group");
-                let group = read_link_name(&link)?.and_then(|name| name.parse().ok());
-                Ok(group.map_or(LockKey::Function(address), LockKey::Group))
-            })
-            .collect()
-    }
-
-    /// Waits (up to `group_wait`) until no other request holds any of `keys`, then takes them
-    /// all at once (all at once, so two requests can never deadlock on each other's groups).
-    fn lock_groups(&self, keys: BTreeSet<LockKey>) -> Result<GroupGuard<'_>, Error> {
-        let deadline = Instant::now() + self.options.group_wait;
-        let mut busy = lock(&self.busy);
-        loop {
-            match keys.iter().find(|k| busy.contains(k)) {
-                None => break,
-                Some(key) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Error::Busy(format!(
-                            "{key} is busy with another request; try again in a moment"
-                        )));
-                    }
-                    busy = self
-                        .freed
-                        .wait_timeout(busy, deadline - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        }
-        busy.extend(keys.iter().copied());
-        Ok(GroupGuard {
-            manager: self,
-            keys,
-        })
-    }
-
-    fn save_state(&self, update: impl FnOnce(&mut State)) -> Result<(), Error> {
-        let _guard = lock(&self.state_lock);
-        let mut state = State::load(&self.config.state_dir)?;
-        update(&mut state);
-        state.save(&self.config.state_dir)
-    }
-
-    // --- assign ---
-
-    /// The functions an assign request moves: the requested ones, plus with `group` every
-    /// other non-bridge member of their groups not on pcieport. Refuses what can never work
-    /// (bridges, no IOMMU group, PFs with VFs) and, without `group`, a group left half on
-    /// host drivers.
-    fn plan_assign(
-        inventory: &Inventory,
-        requested: &[&PciFunction],
-        group: bool,
-    ) -> Result<Vec<PciFunction>, Error> {
-        let wanted: HashSet<PciAddress> = requested.iter().map(|f| f.address).collect();
-        let mut plan: BTreeMap<PciAddress, PciFunction> = BTreeMap::new();
-        for f in requested {
-            let address = f.address;
-            if f.is_bridge() {
-                return Err(Error::Refused {
-                    address,
-                    reason: "it is a PCI bridge (class 0x06); bridges cannot be assigned, \
-                             assign the devices behind it instead"
-                        .into(),
-                });
-            }
-            let Some(id) = f.iommu_group else {
-                return Err(Error::Refused {
-                    address,
-                    reason: "it has no IOMMU group, so the IOMMU is off or not translating it; \
-                             add intel_iommu=on (or amd_iommu=on) to the kernel command line"
-                        .into(),
-                });
-            };
-            if let Some(sriov) = f.sriov.filter(|s| s.num_vfs > 0) {
-                return Err(Error::Refused {
-                    address,
-                    reason: format!(
-                        "it is an SR-IOV PF with {} VFs enabled, which vfio-pci refuses; \
-                         destroy the VFs first (passthroughctl vf destroy {address})",
-                        sriov.num_vfs
-                    ),
-                });
-            }
-            plan.insert(address, (*f).clone());
-            let members = inventory
-                .group(id)
-                .map(|g| g.members.clone())
-                .unwrap_or_default();
-            let others: Vec<&PciFunction> = members
-                .iter()
-                .filter(|m| !wanted.contains(m))
-                .filter_map(|m| inventory.function(*m))
-                .collect();
-            if group {
-                for m in others {
-                    if !m.is_bridge() && m.driver.as_deref() != Some("pcieport") {
-                        plan.insert(m.address, m.clone());
-                    }
-                }
-            } else {
-                let blockers: Vec<String> = others
-                    .iter()
-                    .filter(|m| !driver_is_vfio_safe(m.driver.as_deref()))
-                    .map(|m| {
-                        format!(
-                            "{} (bound to {})",
-                            m.address,
-                            m.driver.as_deref().unwrap_or("nothing")
-                        )
-                    })
-                    .collect();
-                if !blockers.is_empty() {
-                    return Err(Error::Refused {
-                        address,
-                        reason: format!(
-                            "its IOMMU group {id} also holds {}, which would leave the group \
-                             unusable; assign them too, or the whole group with --group",
-                            blockers.join(", ")
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(plan.into_values().collect())
     }
 
     fn assign_inner(
@@ -604,227 +491,26 @@ impl Manager {
         addresses: &[PciAddress],
         options: AssignOptions,
     ) -> Result<Vec<Change>, Error> {
-        Self::check_request(addresses)?;
-        let mut phases = Phases::start("assign");
-        let keys = self.lock_keys(addresses)?;
-        let _groups = self.lock_groups(keys.clone())?;
-        phases.mark("lock");
-        // Read and plan under the lock: no other request can move a member meanwhile.
-        let inventory = self.inventory_of(&keys)?;
-        let requested = Self::functions(&inventory, addresses)?;
-        let plan = Self::plan_assign(&inventory, &requested, options.group)?;
-        phases.mark("scan");
-
-        // Every safety check before the first write.
-        let refs: Vec<&PciFunction> = plan.iter().collect();
-        let snapshot =
-            HostSnapshot::gather(&self.config.root, &refs, self.options.addresses.as_ref());
-        phases.mark("guard");
-        let mut to_move = Vec::new();
-        for f in &plan {
-            if f.driver.as_deref() == Some(VFIO_PCI) {
-                // Already where it should be; only the in-use rule matters, and it does not
-                // apply: nothing will be unbound.
-                continue;
-            }
-            crate::observe::guard::decide(f.address, &snapshot.check(f), options.force)?;
-            to_move.push(f);
-        }
-
-        let persistent = !options.runtime;
-        let records: Vec<Assignment> = {
-            let records = lock(&self.records);
-            plan.iter()
-                .map(|f| {
-                    let known = records.get(&f.address);
-                    Assignment {
-                        address: f.address,
-                        identity: identity_of(f),
-                        previous_driver: match known {
-                            Some(r) => r.previous_driver.clone(),
-                            None => f.driver.clone().filter(|d| d != VFIO_PCI),
-                        },
-                        persistent: persistent || known.is_some_and(|r| r.persistent),
-                        refused: None,
-                    }
-                })
-                .collect()
-        };
-        let changes = if to_move.is_empty() {
-            if persistent {
-                self.persist(&records)?;
-            }
-            Vec::new()
-        } else {
-            self.binder.ensure_vfio_loaded()?;
-            phases.mark("modprobe");
-            let persisted = if persistent { &records[..] } else { &[] };
-            self.move_to_vfio(caller, &to_move, persisted, &mut phases)?
-        };
-        {
-            let mut map = lock(&self.records);
-            for r in records {
-                map.insert(r.address, r);
-            }
-        }
-        lock(&self.refused).retain(|r| !plan.iter().any(|f| f.address == r.address));
-        Ok(changes)
+        check_request(addresses)?;
+        let (guard, view) = self.lock_and_read(caller, addresses, "an assign")?;
+        let plan = planner::assign::assign(&view.view(), addresses, options)?;
+        self.executor.run(caller, plan, guard)
     }
 
-    /// Writes `records` into state.toml.
-    fn persist(&self, records: &[Assignment]) -> Result<(), Error> {
-        self.save_state(|state| {
-            for r in records {
-                state.upsert(StoredAssignment {
-                    address: r.address,
-                    identity: StoredIdentity(r.identity),
-                    previous_driver: r.previous_driver.clone(),
-                });
-            }
-        })
-    }
-
-    /// The journaled, all-or-nothing part of assign: every function in `to_move` ends on
-    /// vfio-pci and `persist` (empty for a runtime assign) is in state.toml, or every function
-    /// is back where it was.
-    fn move_to_vfio(
+    /// Returns each function to the driver it had before assignment (or the kernel's choice).
+    /// `runtime` keeps the stored request, so the assignment comes back at the next start.
+    pub fn release(
         &self,
         caller: &Caller,
-        to_move: &[&PciFunction],
-        persist: &[Assignment],
-        phases: &mut Phases,
+        addresses: &[PciAddress],
+        options: ReleaseOptions,
     ) -> Result<Vec<Change>, Error> {
-        let persistent = !persist.is_empty();
-        let functions: Vec<IntentFunction> = to_move
-            .iter()
-            .map(|f| IntentFunction {
-                address: f.address,
-                identity: StoredIdentity(identity_of(f)),
-                previous_driver: f.driver.clone(),
-            })
-            .collect();
-        let journal = JournalEntry::begin(
-            &self.config.state_dir,
-            &Intent::new(Operation::Assign, persistent, functions.clone()),
-        )?;
-        phases.mark("journal");
-        let (changes, mut failure) = self.bind_groups_in_parallel(to_move);
-        phases.mark("bind");
-        if failure.is_none() && persistent {
-            // Persist before the journal goes: a crash in between is finished at start.
-            if let Err(e) = self.persist(persist) {
-                failure = Some(e);
-            }
-            phases.mark("persist");
+        let result = self.release_inner(caller, addresses, options);
+        if let Err(e) = &result {
+            self.note_error(&format!("release {}: {e}", Self::short_list(addresses)));
         }
-        if let Some(e) = failure {
-            let mut undone = Vec::new();
-            for done in changes.iter().rev() {
-                match self
-                    .binder
-                    .restore(done.address, done.old_driver.as_deref())
-                {
-                    Ok(_) => undone.push(done.address),
-                    Err(u) => warn!(device = %done.address, error = %u,
-                        "could not put a function back after a failed assign"),
-                }
-            }
-            let stranded = to_move.iter().any(|f| {
-                f.driver.is_some()
-                    && self.binder.exists(f.address)
-                    && self
-                        .binder
-                        .current_driver(f.address)
-                        .ok()
-                        .flatten()
-                        .is_none()
-            });
-            if stranded || undone.len() != changes.len() {
-                // Something could not be put back: leave a rollback intent for the next
-                // start instead of the assign (which would otherwise be finished).
-                JournalEntry::begin(
-                    &self.config.state_dir,
-                    &Intent::new(Operation::Assign, false, functions),
-                )?;
-            }
-            journal.finish()?;
-            return Err(if undone.is_empty() {
-                e
-            } else {
-                annotate(e, &format!("; {} put back as well", list(&undone)))
-            });
-        }
-        journal.finish()?;
-        phases.mark("unjournal");
-        for c in &changes {
-            info!(uid = caller.uid, caller = %caller.bus_name, device = %c.address,
-                old_driver = c.old_driver.as_deref().unwrap_or("none"),
-                new_driver = c.new_driver.as_deref().unwrap_or("none"),
-                persistent, "assigned");
-        }
-        Ok(changes)
+        result
     }
-
-    /// Binds `to_move` to vfio-pci, IOMMU groups side by side: the kernel probes functions of
-    /// different groups independently (most of a bind is the old driver's remove and vfio-pci's
-    /// probe), while one group's members go one after another, in address order. After the
-    /// first failure no new group is started. Returns what was bound, in address order, and the
-    /// first failure (by address).
-    fn bind_groups_in_parallel(&self, to_move: &[&PciFunction]) -> (Vec<Change>, Option<Error>) {
-        let mut by_group: BTreeMap<LockKey, Vec<&PciFunction>> = BTreeMap::new();
-        for f in to_move {
-            by_group.entry(lock_key(f)).or_default().push(f);
-        }
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, MAX_BIND_THREADS)
-            .min(by_group.len());
-        let queue = Mutex::new(by_group.into_values());
-        let failed = AtomicBool::new(false);
-        // Every result lands here as soon as it is known, so even a worker that panics
-        // afterwards cannot take a bound function out of the rollback.
-        let results: Mutex<Vec<(PciAddress, Result<Change, Error>)>> = Mutex::new(Vec::new());
-        let bind_queue = || {
-            while !failed.load(Ordering::Acquire) {
-                let Some(group) = lock(&queue).next() else {
-                    return;
-                };
-                for f in group {
-                    let result = self.binder.bind_vfio(f);
-                    let stop = result.is_err();
-                    lock(&results).push((f.address, result));
-                    if stop {
-                        failed.store(true, Ordering::Release);
-                        break;
-                    }
-                }
-            }
-        };
-        let panicked = std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..workers).map(|_| scope.spawn(bind_queue)).collect();
-            bind_queue();
-            // A worker only panics if the binder does; the request then fails and rolls back
-            // what was bound.
-            handles.into_iter().any(|h| h.join().is_err())
-        });
-        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        results.sort_by_key(|(address, _)| *address);
-        let mut changes = Vec::new();
-        let mut failure = None;
-        for (_, result) in results {
-            match result {
-                Ok(change) => changes.push(change),
-                Err(e) if failure.is_none() => failure = Some(e),
-                Err(e) => warn!(error = %e, "another bind of the same request failed too"),
-            }
-        }
-        if failure.is_none() && panicked {
-            failure = Some(Error::Failed("a bind worker stopped unexpectedly".into()));
-        }
-        (changes, failure)
-    }
-
-    // --- release ---
 
     fn release_inner(
         &self,
@@ -832,310 +518,517 @@ impl Manager {
         addresses: &[PciAddress],
         options: ReleaseOptions,
     ) -> Result<Vec<Change>, Error> {
-        Self::check_request(addresses)?;
-        let keys = self.lock_keys(addresses)?;
-        let _groups = self.lock_groups(keys.clone())?;
-        let inventory = self.inventory_of(&keys)?;
-        let functions = Self::functions(&inventory, addresses)?;
-        let records = lock(&self.records).clone();
-        for f in &functions {
-            if !records.contains_key(&f.address) && f.driver.as_deref() != Some(VFIO_PCI) {
-                return Err(Error::InvalidArgument(format!(
-                    "{} is not assigned (it is bound to {}); nothing to release",
-                    f.address,
-                    f.driver.as_deref().unwrap_or("nothing")
-                )));
-            }
-        }
-        let snapshot = HostSnapshot::gather(
-            &self.config.root,
-            &functions,
-            self.options.addresses.as_ref(),
-        );
-        for f in &functions {
-            if let Some(finding) = snapshot.check_in_use(f) {
-                crate::observe::guard::decide(f.address, &[finding], false)?;
-            }
-        }
-        let previous = |a: PciAddress| records.get(&a).and_then(|r| r.previous_driver.clone());
-        let intent = Intent::new(
-            Operation::Release,
-            !options.runtime,
-            functions
+        check_request(addresses)?;
+        let (guard, view) = self.lock_and_read(caller, addresses, "a release")?;
+        let plan = planner::assign::release(&view.view(), addresses, options)?;
+        let suspended: Vec<Target> = if options.runtime {
+            view.inventory
+                .functions
                 .iter()
-                .map(|f| IntentFunction {
-                    address: f.address,
-                    identity: StoredIdentity(identity_of(f)),
-                    previous_driver: previous(f.address),
-                })
-                .collect(),
-        );
-        let journal = JournalEntry::begin(&self.config.state_dir, &intent)?;
-        let mut changes = Vec::new();
-        let mut failure = None;
-        for f in &functions {
-            match self
-                .binder
-                .release(f.address, previous(f.address).as_deref())
-            {
-                Ok(c) => changes.push(c),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+                .filter(|f| addresses.contains(&f.address))
+                .map(planner::target_of)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let changes = self.executor.run(caller, plan, guard)?;
+        let mut registry = lock(&self.registry);
+        for target in &suspended {
+            registry.set_suspended(target, true);
         }
-        // Whatever was released is released: records and state follow the kernel.
-        let released: Vec<PciAddress> = changes.iter().map(|c| c.address).collect();
-        {
-            let mut records = lock(&self.records);
-            for a in &released {
-                records.remove(a);
-            }
-        }
-        if !options.runtime && !released.is_empty() {
-            self.save_state(|state| {
-                for a in &released {
-                    state.remove(*a);
-                }
-            })?;
-        }
-        journal.finish()?;
-        for c in &changes {
-            info!(uid = caller.uid, caller = %caller.bus_name, device = %c.address,
-                old_driver = c.old_driver.as_deref().unwrap_or("none"),
-                new_driver = c.new_driver.as_deref().unwrap_or("none"),
-                runtime = options.runtime, "released");
-        }
-        match failure {
-            None => Ok(changes),
-            Some(e) if released.is_empty() => Err(e),
-            Some(e) => Err(annotate(
-                e,
-                &format!("; {} released before it", list(&released)),
-            )),
-        }
+        Ok(changes)
     }
 
-    // --- start-up ---
+    /// Creates `count` VFs on `pf`. With `assign` each goes to vfio-pci before any host VF
+    /// driver sees it; without `runtime` the VFs (and which are assigned) come back at start.
+    pub fn vf_create(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        count: u32,
+        options: VfCreateOptions,
+    ) -> Result<Vec<VfInfo>, Error> {
+        let result = self.vf_create_inner(caller, pf, count, options);
+        if let Err(e) = &result {
+            self.note_error(&format!("vf create {pf}: {e}"));
+        }
+        result
+    }
 
-    /// Handles journals left by a run that died mid-operation. The rule: no device is left
+    fn vf_create_inner(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        count: u32,
+        options: VfCreateOptions,
+    ) -> Result<Vec<VfInfo>, Error> {
+        // Before anything is read or built from it: a count no PF can have.
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "a count of 0 creates no VFs; use vf destroy to remove them".into(),
+            ));
+        }
+        if count > u32::from(u16::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "a PF has at most 65535 VFs; {count} asked for"
+            )));
+        }
+        let (guard, view) = self.lock_pf(caller, pf, "a vf create")?;
+        // Against the PF before any set is built from the count.
+        let f = planner::vfs::check_pf(&view.view(), pf)?;
+        planner::vfs::check_count(f, count)?;
+        let request = VfCreate {
+            pf,
+            count,
+            assign: if options.assign {
+                (0..count).collect()
+            } else {
+                BTreeSet::new()
+            },
+            claim: if options.runtime {
+                Claim::Runtime
+            } else {
+                Claim::Request
+            },
+            force: options.force,
+            release_others: false,
+        };
+        let plan = planner::vfs::create(&view.view(), &request)?;
+        let resize = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::SetNumVfs { .. }));
+        self.executor.run(caller, plan, guard)?;
+        // New VFs: nobody can hold them yet, so no /proc scan.
+        self.describe_vfs(pf, count, !resize)
+    }
+
+    /// Removes every VF of `pf`. Refused while a VF is open by a process (always) or assigned
+    /// (unless `force`, which releases it first).
+    pub fn vf_destroy(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        force: bool,
+    ) -> Result<Vec<Change>, Error> {
+        let result = (|| {
+            let (guard, view) = self.lock_pf(caller, pf, "a vf destroy")?;
+            let plan = planner::vfs::destroy(&view.view(), pf, force)?;
+            self.executor.run(caller, plan, guard)
+        })();
+        if let Err(e) = &result {
+            self.note_error(&format!("vf destroy {pf}: {e}"));
+        }
+        result
+    }
+
+    /// Every VF of `pf`, in index order. Takes no lock.
+    pub fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error> {
+        let inventory = self.snapshot()?;
+        let config = Config::empty();
+        let snapshot = HostSnapshot::default();
+        let registry = Registry::default();
+        planner::vfs::check_pf(
+            &View {
+                inventory: &inventory,
+                snapshot: &snapshot,
+                registry: &registry,
+                config: &config,
+            },
+            pf,
+        )?;
+        let vfs = inventory.vfs_of(pf);
+        let snapshot = HostSnapshot::gather(&self.root, &vfs, self.options.addresses.as_ref());
+        Ok(self.vf_infos(pf, &vfs, Some(&snapshot)))
+    }
+
+    /// The first `count` VFs of `pf` as `vf list` shows them, read fresh; with `holders`, who
+    /// holds them open (a /proc walk: not needed for VFs just created).
+    fn describe_vfs(
+        &self,
+        pf: PciAddress,
+        count: u32,
+        holders: bool,
+    ) -> Result<Vec<VfInfo>, Error> {
+        let addresses = self.drivers.wait_for_vfs(pf, count, Duration::ZERO)?;
+        let keys = self.executor.lock_keys(&addresses)?;
+        let inventory = inventory_of(&self.root, &self.ids, &keys)?;
+        let vfs: Vec<&PciFunction> = addresses
+            .iter()
+            .filter_map(|a| inventory.function(*a))
+            .collect();
+        let snapshot = holders
+            .then(|| HostSnapshot::gather(&self.root, &vfs, self.options.addresses.as_ref()));
+        Ok(self.vf_infos(pf, &vfs, snapshot.as_ref()))
+    }
+
+    fn vf_infos(
+        &self,
+        pf: PciAddress,
+        vfs: &[&PciFunction],
+        snapshot: Option<&HostSnapshot>,
+    ) -> Vec<VfInfo> {
+        let registry = lock(&self.registry);
+        vfs.iter()
+            .filter_map(|f| {
+                let index = f.vf_of?.index;
+                let on_vfio = f.driver.as_deref() == Some(VFIO_PCI);
+                let in_set = registry
+                    .vf_set(pf)
+                    .is_some_and(|s| s.record.assigned.contains(&index));
+                let assigned =
+                    registry.get(&Target::Vf { pf, index }).is_some() || (on_vfio && in_set);
+                Some(VfInfo {
+                    index,
+                    address: f.address,
+                    driver: f.driver.clone(),
+                    iommu_group: f.iommu_group,
+                    assigned,
+                    in_use_by: snapshot.and_then(|s| s.in_use_by(f)),
+                })
+            })
+            .collect()
+    }
+
+    /// Re-reads the config file; a broken one keeps the last good config in force.
+    pub fn reload(&self) -> ConfigState {
+        let state = lock(&self.config).reload();
+        if let Some(e) = &state.error {
+            self.note_error(&format!("config: {e}"));
+        }
+        state
+    }
+
+    /// Reconciles the host with the desired state: the config, stored requests, and what the
+    /// config let go. With `dry_run`, only says what it would do. What is not refused is done;
+    /// the report lists what was refused or failed.
+    pub fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error> {
+        caller.check_deadline("apply")?;
+        self.apply_desired(caller, dry_run, false)
+    }
+
+    // --- plumbing ---
+
+    /// The locks of `addresses`, then the functions and groups behind them read fresh (with the
+    /// PFs of VFs among them, whose ids a VF's claim records), and the guard's facts.
+    fn lock_and_read(
+        &self,
+        caller: &Caller,
+        addresses: &[PciAddress],
+        holder: &str,
+    ) -> Result<(LockGuard, Read), Error> {
+        caller.check_deadline("the request")?;
+        let keys = self.executor.lock_keys(addresses)?;
+        let mut guard = self.locks.acquire(keys, holder, self.options.group_wait)?;
+        caller.check_deadline("the request")?;
+        self.executor.settle(&mut guard)?;
+        let read = self.read(guard.keys(), addresses)?;
+        Ok((guard, read))
+    }
+
+    /// The locks of a PF and its VFs (from the `virtfnN` links: no scan), then the same read.
+    fn lock_pf(
+        &self,
+        caller: &Caller,
+        pf: PciAddress,
+        holder: &str,
+    ) -> Result<(LockGuard, Read), Error> {
+        caller.check_deadline("the request")?;
+        let mut functions = vec![pf];
+        for index in 0.. {
+            match self.drivers.vf(pf, index)? {
+                Some(vf) => functions.push(vf),
+                None => break,
+            }
+        }
+        let keys = self.executor.lock_keys(&functions)?;
+        let mut guard = self.locks.acquire(keys, holder, self.options.group_wait)?;
+        caller.check_deadline("the request")?;
+        self.executor.settle(&mut guard)?;
+        let read = self.read(guard.keys(), &[pf])?;
+        Ok((guard, read))
+    }
+
+    /// The inventory of `keys` (plus the PFs of VFs among `addresses`), and the guard's facts
+    /// about every function in it.
+    fn read(&self, keys: &BTreeSet<LockKey>, addresses: &[PciAddress]) -> Result<Read, Error> {
+        let mut inventory = inventory_of(&self.root, &self.ids, keys)?;
+        let pfs: Vec<PciAddress> = inventory
+            .functions
+            .iter()
+            .filter(|f| addresses.contains(&f.address))
+            .filter_map(|f| f.vf_of.map(|v| v.pf))
+            .filter(|pf| inventory.function(*pf).is_none())
+            .collect();
+        if !pfs.is_empty() {
+            inventory.merge(Inventory::scan_groups(&self.root, &self.ids, &[], &pfs)?);
+        }
+        let functions: Vec<&PciFunction> = inventory.functions.iter().collect();
+        let snapshot =
+            HostSnapshot::gather(&self.root, &functions, self.options.addresses.as_ref());
+        Ok(Read {
+            inventory,
+            snapshot,
+            registry: lock(&self.registry).clone(),
+            config: self.config_in_force(),
+        })
+    }
+
+    fn config_in_force(&self) -> Arc<Config> {
+        lock(&self.config)
+            .good()
+            .unwrap_or_else(|| Arc::new(Config::empty()))
+    }
+
+    // --- start-up and the desired state ---
+
+    /// Finishes or undoes the plans journals left behind. The rule: no device is left
     /// driverless by accident, and state.toml matches the kernel afterwards.
-    /// - assign, persistent: finish it. The admin asked for an assignment that survives
-    ///   restarts and every check had passed; re-binding to vfio-pci (from whatever half-way
-    ///   state) and recording it is what they would get had we not died. If finishing fails,
-    ///   the function goes back to its previous driver and nothing is recorded.
-    /// - assign, runtime: roll it back. Nobody received an answer, and a runtime assignment
-    ///   does not outlive the daemon's memory anyway; the function returns to its driver.
-    /// - release: finish it (back to the previous driver); returning a device to the host
-    ///   is the safe direction, and it is what was asked.
-    fn recover(&self, report: &mut StartupReport) -> Result<(), Error> {
-        let caller = startup_caller();
-        for (entry, intent) in journal::pending(&self.config.state_dir)? {
-            let intent = match intent {
-                Ok(intent) => intent,
+    fn recover(&self) -> Result<Vec<String>, Error> {
+        let mut lines = Vec::new();
+        for (entry, plan) in journal::pending::<Plan>(&self.state_dir)? {
+            let (plan, undoing) = match plan {
+                Ok(found) => found,
                 Err(why) => {
                     let line = format!("journal {} is unreadable ({why}); set aside", entry.name());
                     warn!("{line}");
                     self.note_error(&line);
-                    report.recovered.push(line);
+                    lines.push(line);
                     entry.set_aside()?;
                     continue;
                 }
             };
-            if let Some(vf) = &intent.vf {
-                let line = self.recover_vfs(&intent, vf);
-                info!(journal = entry.name(), "{line}");
-                report.recovered.push(line);
-            }
-            let inventory = self.inventory()?;
-            for f in &intent.functions {
-                let line = self.recover_function(&caller, &inventory, &intent, f);
-                info!(journal = entry.name(), "{line}");
-                report.recovered.push(line);
-            }
-            entry.finish()?;
-        }
-        Ok(())
-    }
-
-    fn recover_function(
-        &self,
-        caller: &Caller,
-        inventory: &Inventory,
-        intent: &Intent,
-        f: &IntentFunction,
-    ) -> String {
-        let a = f.address;
-        let Some(function) = inventory.function(a) else {
-            return format!("{a}: gone since the interrupted operation; nothing to do");
-        };
-        if identity_of(function) != f.identity.0 {
-            return format!("{a}: now holds another device; left alone");
-        }
-        let prev = f.previous_driver.as_deref();
-        let prev_name = prev.unwrap_or("no driver");
-        let outcome = match (intent.operation, intent.persistent) {
-            (Operation::Assign, true) => {
-                let bound = self
-                    .binder
-                    .ensure_vfio_loaded()
-                    .and_then(|()| self.binder.bind_vfio_from(function, prev));
-                match bound.and_then(|_| {
-                    let record = Assignment {
-                        address: a,
-                        identity: f.identity.0,
-                        previous_driver: f.previous_driver.clone(),
-                        persistent: true,
-                        refused: None,
-                    };
-                    self.persist(std::slice::from_ref(&record))
-                }) {
-                    Ok(()) => Ok(format!("{a}: interrupted assign finished (on vfio-pci)")),
-                    Err(e) => Err(format!("{a}: interrupted assign undone: {e}")),
+            let mut guard =
+                self.locks
+                    .acquire(plan.locks.clone(), "recovery", self.options.group_wait)?;
+            let name = entry.name().to_owned();
+            match self.executor.recover(&plan, undoing, entry, &mut guard) {
+                Ok(line) => {
+                    info!(journal = %name, "{line}");
+                    lines.push(line);
+                }
+                Err(e) => {
+                    let line = e.to_string();
+                    warn!(journal = %name, "{line}");
+                    self.note_error(&line);
+                    lines.push(line);
                 }
             }
-            (Operation::Assign, false) => match self.binder.restore(a, prev) {
-                Ok(_) => Ok(format!(
-                    "{a}: interrupted runtime assign rolled back to {prev_name}"
-                )),
-                Err(e) => Err(format!(
-                    "{a}: rolling back an interrupted assign failed: {e}"
-                )),
-            },
-            (Operation::Release, persistent) => {
-                let done = self.binder.release(a, prev).and_then(|_| {
-                    if persistent {
-                        self.save_state(|s| {
-                            s.remove(a);
-                        })
-                    } else {
-                        Ok(())
-                    }
-                });
-                match done {
-                    Ok(()) => Ok(format!(
-                        "{a}: interrupted release finished (back on {prev_name})"
-                    )),
-                    Err(e) => Err(format!("{a}: finishing an interrupted release failed: {e}")),
-                }
-            }
-            (Operation::VfCreate | Operation::VfDestroy, _) => {
-                Err(format!("{a}: a VF journal naming a function; ignored"))
-            }
-        };
-        match outcome {
-            Ok(line) => {
-                info!(uid = caller.uid, caller = %caller.bus_name, device = %a,
-                    new_driver = self.binder.current_driver(a).ok().flatten().as_deref().unwrap_or("none"),
-                    "recovered");
-                line
-            }
-            Err(line) => {
-                warn!("{line}");
-                self.note_error(&line);
-                line
-            }
         }
+        Ok(lines)
     }
 
-    /// Re-applies state.toml: each entry whose address still holds the recorded device goes
-    /// (back) to vfio-pci; others are refused, kept in state.toml (the device may come back)
-    /// and reported in `status`.
-    fn reapply(&self, report: &mut StartupReport) -> Result<(), Error> {
-        let state = State::load(&self.config.state_dir)?;
-        if state.assignments.is_empty() {
-            return Ok(());
-        }
+    /// The desired state at start: stored requests and VF sets first noted as refused or not,
+    /// then everything carried out.
+    fn start_apply(&self, report: &mut StartupReport) -> Result<(), Error> {
         let caller = startup_caller();
-        let inventory = self.inventory()?;
-        for entry in &state.assignments {
-            let a = entry.address;
-            let record = Assignment {
-                address: a,
-                identity: entry.identity.0,
-                previous_driver: entry.previous_driver.clone(),
-                persistent: true,
-                refused: None,
+        report.apply = self.apply_desired(&caller, false, true)?;
+        let registry = lock(&self.registry).clone();
+        for (target, held) in registry.functions() {
+            if !held.claims.contains(&Claim::Request) {
+                continue;
+            }
+            let address = match *target {
+                Target::Function(a) => Some(a),
+                Target::Vf { pf, index } => self.drivers.vf(pf, index).ok().flatten(),
             };
-            match self.reapply_one(&caller, &inventory, entry) {
-                Ok(()) => {
-                    lock(&self.records).insert(a, record);
-                    report.applied.push(a);
-                }
-                Err(why) => {
-                    let line = format!("{a}: persisted assignment not applied: {why}");
+            match (&held.refused, address) {
+                (Some(why), _) => {
+                    let shown = address.unwrap_or(match *target {
+                        Target::Function(a) | Target::Vf { pf: a, .. } => a,
+                    });
+                    let line = format!("{target}: persisted assignment not applied: {why}");
                     warn!("{line}");
                     self.note_error(&line);
-                    lock(&self.refused).push(Assignment {
-                        refused: Some(why.clone()),
-                        ..record
-                    });
-                    report.refused.push((a, why));
+                    report.refused.push((shown, why.clone()));
                 }
+                (None, Some(a)) => report.applied.push(a),
+                (None, None) => {}
+            }
+        }
+        for (pf, set) in registry.vf_sets() {
+            match &set.refused {
+                Some(why) => {
+                    let line = format!("{pf}: persisted VFs not recreated: {why}");
+                    warn!("{line}");
+                    self.note_error(&line);
+                    report.refused.push((*pf, why.clone()));
+                }
+                None => report.vfs.push(*pf),
             }
         }
         Ok(())
     }
 
-    fn reapply_one(
+    /// Plans the desired state in its two phases, executes what is not refused (unless
+    /// `dry_run`), and reports. At start (`boot`), requests let go by `release --runtime` come
+    /// back too, and refusals of stored requests are noted in the registry for `status`.
+    fn apply_desired(
         &self,
         caller: &Caller,
-        inventory: &Inventory,
-        entry: &StoredAssignment,
-    ) -> Result<(), String> {
-        let a = entry.address;
-        let f = inventory
-            .function(a)
-            .ok_or_else(|| "no device at this address any more".to_owned())?;
-        let now = identity_of(f);
-        if now != entry.identity.0 {
-            return Err(format!(
-                "the address now holds {} instead of {}",
-                show_identity(&now),
-                show_identity(&entry.identity.0)
-            ));
-        }
-        if f.driver.as_deref() == Some(VFIO_PCI) {
-            return Ok(());
-        }
-        // Soft rules were the admin's call when the assignment was made; hard ones and
-        // "in use" still protect the host now.
-        let snapshot =
-            HostSnapshot::gather(&self.config.root, &[f], self.options.addresses.as_ref());
-        if let Some(finding) = snapshot
-            .check(f)
-            .into_iter()
-            .find(|x| x.severity != Severity::Soft)
-        {
-            return Err(finding.reason);
-        }
-        self.binder
-            .ensure_vfio_loaded()
-            .map_err(|e| e.to_string())?;
-        // Journaled as a persistent assign, so a crash here is finished at the next start.
-        let record = Assignment {
-            address: a,
-            identity: now,
-            previous_driver: entry.previous_driver.clone(),
-            persistent: true,
-            refused: None,
+        dry_run: bool,
+        boot: bool,
+    ) -> Result<ApplyReport, Error> {
+        let config_state = lock(&self.config).state();
+        let config = lock(&self.config).good();
+        let mut report = ApplyReport {
+            dry_run,
+            config: config_state,
+            ..ApplyReport::default()
         };
-        self.move_to_vfio(caller, &[f], &[record], &mut Phases::start("reapply"))
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let config_in_force = config.clone().unwrap_or_else(|| Arc::new(Config::empty()));
+        report.notes = desired::not_in_effect(&config_in_force);
+        if config.is_none() {
+            report.notes.push(
+                "the config has never been read successfully: its entries are not applied \
+                 and nothing it claimed is released"
+                    .into(),
+            );
+        }
+        for phase in [Phase::Vfs, Phase::Functions] {
+            let inventory = self.inventory()?;
+            let functions: Vec<&PciFunction> = inventory.functions.iter().collect();
+            let snapshot =
+                HostSnapshot::gather(&self.root, &functions, self.options.addresses.as_ref());
+            let registry = lock(&self.registry).clone();
+            let view = View {
+                inventory: &inventory,
+                snapshot: &snapshot,
+                registry: &registry,
+                config: &config_in_force,
+            };
+            let scope = desired::Scope {
+                config: config.is_some(),
+                skip_suspended: !boot,
+            };
+            let outcome = desired::plan(&view, phase, scope);
+            {
+                let mut registry = lock(&self.registry);
+                for (target, why) in &outcome.requests {
+                    registry.set_refused(target, why.clone());
+                }
+                for (pf, why) in &outcome.vf_sets {
+                    registry.set_vfs_refused(*pf, why.clone());
+                }
+            }
+            report.refused.extend(outcome.refused.iter().cloned());
+            for unit in &outcome.units {
+                report.changes.extend(unit.changes());
+                report.vfs.extend(unit.vfs());
+            }
+            if dry_run || outcome.units.is_empty() {
+                continue;
+            }
+            report.failed.extend(self.run_units(caller, outcome.units));
+        }
+        if !dry_run {
+            for r in report.refused.iter().chain(report.failed.iter()) {
+                self.note_error(&format!("apply: {}: {}", r.entry, r.reason));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs independent units side by side (a few at a time); returns those that failed.
+    fn run_units(&self, caller: &Caller, units: Vec<desired::Unit>) -> Vec<Refusal> {
+        let queue = Mutex::new(units.into_iter());
+        let failed = Mutex::new(Vec::new());
+        let work = || {
+            while let Some(unit) = lock(&queue).next() {
+                if let Err(e) = self.run_unit(caller, &unit) {
+                    lock(&failed).push(Refusal {
+                        entry: unit.label.clone(),
+                        function: None,
+                        reason: crate::service::error_chain(&e),
+                    });
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..APPLY_WORKERS {
+                scope.spawn(work);
+            }
+            work();
+        });
+        failed.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One unit under its locks, after checking that what it was planned on still holds.
+    fn run_unit(&self, caller: &Caller, unit: &desired::Unit) -> Result<Vec<Change>, Error> {
+        let mut guard =
+            self.locks
+                .acquire(unit.plan.locks.clone(), "apply", self.options.group_wait)?;
+        self.executor.settle(&mut guard)?;
+        self.check_still_valid(&unit.plan)?;
+        self.executor.run(caller, unit.plan.clone(), guard)
+    }
+
+    /// Whether the drivers and VF counts a plan was made on are still what the kernel has
+    /// (another request may have run between planning and locking).
+    fn check_still_valid(&self, plan: &Plan) -> Result<(), Error> {
+        let moved = |what: String| {
+            Err(Error::Busy(format!(
+                "{what} changed while apply was planning; run apply again"
+            )))
+        };
+        for step in &plan.steps {
+            match step {
+                Step::Bind {
+                    target: Target::Function(a),
+                    from,
+                } if self.drivers.current_driver(*a)? != *from => {
+                    return moved(a.to_string());
+                }
+                Step::SetNumVfs { pf, was, .. } if self.drivers.num_vfs(*pf)? != *was => {
+                    return moved(format!("the VF count of {pf}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
-/// Appends context to an error's message, keeping its kind.
-fn annotate(error: Error, more: &str) -> Error {
-    match error {
-        Error::Busy(m) => Error::Busy(format!("{m}{more}")),
-        Error::Refused { address, reason } => Error::Refused {
-            address,
-            reason: format!("{reason}{more}"),
-        },
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{m}{more}")),
-        other => Error::Failed(format!("{other}{more}")),
+/// What a request plans with, read under its locks.
+#[derive(Debug)]
+struct Read {
+    inventory: Inventory,
+    snapshot: HostSnapshot,
+    registry: Registry,
+    config: Arc<Config>,
+}
+
+impl Read {
+    fn view(&self) -> View<'_> {
+        View {
+            inventory: &self.inventory,
+            snapshot: &self.snapshot,
+            registry: &self.registry,
+            config: &self.config,
+        }
     }
+}
+
+/// Empty lists, duplicates and oversized lists are caller mistakes, caught before anything is
+/// read.
+fn check_request(addresses: &[PciAddress]) -> Result<(), Error> {
+    if addresses.is_empty() {
+        return Err(Error::InvalidArgument("no PCI address given".into()));
+    }
+    if addresses.len() > MAX_ADDRESSES {
+        return Err(Error::InvalidArgument(format!(
+            "{} addresses in one request; at most {MAX_ADDRESSES} (use --group, or several \
+             requests)",
+            addresses.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    for a in addresses {
+        if !seen.insert(*a) {
+            return Err(Error::InvalidArgument(format!(
+                "{a} is listed more than once; name each function once"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 pub mod driver;
+pub mod sriov;
 pub mod sysfs;
 pub mod uevents;
 

@@ -32,6 +32,16 @@ impl Inventory {
     /// Reads the whole PCI inventory under `root`. Functions that disappear while we read them
     /// (hot-unplug, VFs being destroyed) are left out rather than failing the scan.
     pub fn scan(root: &SysfsRoot, ids: &PciIds) -> Result<Self, InventoryError> {
+        Self::scan_with(root, ids, &Avoid::none())
+    }
+
+    /// [`Self::scan`], leaving alone the attributes of functions that `avoid` names (see
+    /// [`Avoid`]).
+    pub fn scan_with(
+        root: &SysfsRoot,
+        ids: &PciIds,
+        avoid: &Avoid<'_>,
+    ) -> Result<Self, InventoryError> {
         let addresses = list_functions(root)?;
 
         // Reading attributes is thousands of small syscalls; spread them over the cores.
@@ -43,7 +53,7 @@ impl Inventory {
         let scanned: Vec<Result<Vec<Scanned>, ReadError>> = thread::scope(|scope| {
             let handles: Vec<_> = addresses
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || read_functions(root, part)))
+                .map(|part| scope.spawn(move || read_functions(root, part, avoid)))
                 .collect();
             handles
                 .into_iter()
@@ -101,6 +111,17 @@ impl Inventory {
         groups: &[u32],
         loose: &[PciAddress],
     ) -> Result<Self, InventoryError> {
+        Self::scan_groups_with(root, ids, groups, loose, &Avoid::none())
+    }
+
+    /// [`Self::scan_groups`] with an [`Avoid`].
+    pub fn scan_groups_with(
+        root: &SysfsRoot,
+        ids: &PciIds,
+        groups: &[u32],
+        loose: &[PciAddress],
+        avoid: &Avoid<'_>,
+    ) -> Result<Self, InventoryError> {
         let mut read = Vec::new();
         for &id in groups {
             let group = groups::read_group(root, id, &HashMap::new())?;
@@ -113,7 +134,7 @@ impl Inventory {
             .collect();
         addresses.sort_unstable();
         addresses.dedup();
-        let mut functions: Vec<PciFunction> = read_functions(root, &addresses)?
+        let mut functions: Vec<PciFunction> = read_functions(root, &addresses, avoid)?
             .into_iter()
             .map(|s| s.function)
             .collect();
@@ -130,6 +151,23 @@ impl Inventory {
             functions,
             groups: read,
         })
+    }
+
+    /// Adds the functions of `other` this one does not have (a PF read beside its VF's group).
+    pub fn merge(&mut self, other: Inventory) {
+        for f in other.functions {
+            if let Err(i) = self
+                .functions
+                .binary_search_by_key(&f.address, |x| x.address)
+            {
+                self.functions.insert(i, f);
+            }
+        }
+        for g in other.groups {
+            if let Err(i) = self.groups.binary_search_by_key(&g.id, |x| x.id) {
+                self.groups.insert(i, g);
+            }
+        }
     }
 
     pub fn function(&self, address: PciAddress) -> Option<&PciFunction> {
@@ -202,15 +240,43 @@ fn read_vf_of(root: &SysfsRoot, address: PciAddress) -> Result<Option<VfOf>, Rea
     else {
         return Ok(None);
     };
-    let total = read_attr(&root.pci_device_attr(pf, "sriov_numvfs"))?
-        .and_then(|n| n.parse::<u32>().ok())
-        .unwrap_or(0);
-    for index in 0..total {
-        if read_virtfn(root, pf, index)? == Some(address) {
-            return Ok(Some(VfOf { pf, index }));
+    // The PF's `virtfnN` links, in order, rather than its `sriov_numvfs`, whose read takes the
+    // PF's lock (held for as long as another operation changes its VFs).
+    for index in 0..=u32::from(u16::MAX) {
+        match read_virtfn(root, pf, index)? {
+            Some(vf) if vf == address => return Ok(Some(VfOf { pf, index })),
+            Some(_) => {}
+            None => break,
         }
     }
     Ok(None)
+}
+
+/// Functions whose lock-taking attributes a scan must not read, with the values to use instead.
+///
+/// The kernel takes a device's lock to show `driver_override` and `sriov_numvfs` (and
+/// `sriov_drivers_autoprobe`), and a write in flight on the device (an unbind waiting for a VM to
+/// let go) holds that lock for as long as it waits. A reader must never wait behind it: for such
+/// a function the scan serves the last known values (from `last`), or none.
+pub struct Avoid<'a> {
+    pub skip: &'a (dyn Fn(PciAddress) -> bool + Sync),
+    pub last: Option<&'a Inventory>,
+}
+
+impl std::fmt::Debug for Avoid<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Avoid").finish_non_exhaustive()
+    }
+}
+
+impl Avoid<'static> {
+    /// Reads everything.
+    pub fn none() -> Self {
+        Self {
+            skip: &|_| false,
+            last: None,
+        }
+    }
 }
 
 /// One function as read, plus its `virtfnN` links (index, VF address) when it is a PF.
@@ -219,10 +285,19 @@ struct Scanned {
     virtfns: Vec<(u32, PciAddress)>,
 }
 
-fn read_functions(root: &SysfsRoot, addresses: &[PciAddress]) -> Result<Vec<Scanned>, ReadError> {
+fn read_functions(
+    root: &SysfsRoot,
+    addresses: &[PciAddress],
+    avoid: &Avoid<'_>,
+) -> Result<Vec<Scanned>, ReadError> {
     let mut out = Vec::with_capacity(addresses.len());
     for &address in addresses {
-        match read_function(root, address)? {
+        let last = if (avoid.skip)(address) {
+            Some(avoid.last.and_then(|i| i.function(address)))
+        } else {
+            None
+        };
+        match read_function(root, address, last)? {
             Some(scanned) => out.push(scanned),
             None => debug!(%address, "function vanished during the scan"),
         }
@@ -230,8 +305,14 @@ fn read_functions(root: &SysfsRoot, addresses: &[PciAddress]) -> Result<Vec<Scan
     Ok(out)
 }
 
-/// Reads one function; `None` when it is gone (its identity attributes are missing).
-fn read_function(root: &SysfsRoot, address: PciAddress) -> Result<Option<Scanned>, ReadError> {
+/// Reads one function; `None` when it is gone (its identity attributes are missing). With
+/// `last` (`Some`), the attributes that take the device's lock are not read: the last known
+/// values stand in (none when the function was not known).
+fn read_function(
+    root: &SysfsRoot,
+    address: PciAddress,
+    last: Option<Option<&PciFunction>>,
+) -> Result<Option<Scanned>, ReadError> {
     let mut path = root.pci_device_dir(address);
     // Reuse one path buffer: push an attribute name, read, pop.
     let mut attr = |name: &str| -> Result<Option<String>, ReadError> {
@@ -248,7 +329,10 @@ fn read_function(root: &SysfsRoot, address: PciAddress) -> Result<Option<Scanned
     // The kernel prints -1 when the platform has no NUMA information.
     let numa_node = attr("numa_node")?.and_then(|n| n.parse::<u32>().ok());
     // Unset overrides read "(null)" on current kernels, "" on some older ones.
-    let driver_override = attr("driver_override")?.filter(|o| !o.is_empty() && o != "(null)");
+    let driver_override = match last {
+        Some(last) => last.and_then(|f| f.driver_override.clone()),
+        None => attr("driver_override")?.filter(|o| !o.is_empty() && o != "(null)"),
+    };
     // Only display controllers carry boot_vga; skip the failed open for everything else.
     let boot_vga = (uevent.class >> 16) as u8 == passthroughd_proto::device::CLASS_DISPLAY
         && attr("boot_vga")?.as_deref() == Some("1");
@@ -256,10 +340,17 @@ fn read_function(root: &SysfsRoot, address: PciAddress) -> Result<Option<Scanned
     let mut virtfns = Vec::new();
     let sriov = match attr("sriov_totalvfs")?.and_then(|t| t.parse::<u32>().ok()) {
         Some(total_vfs) if total_vfs > 0 => {
-            let num_vfs = attr("sriov_numvfs")?
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let drivers_autoprobe = attr("sriov_drivers_autoprobe")?.as_deref() != Some("0");
+            let known = last.map(|f| f.and_then(|f| f.sriov));
+            let num_vfs = match known {
+                Some(sriov) => sriov.map_or(0, |s| s.num_vfs),
+                None => attr("sriov_numvfs")?
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
+            };
+            let drivers_autoprobe = match known {
+                Some(sriov) => sriov.is_none_or(|s| s.drivers_autoprobe),
+                None => attr("sriov_drivers_autoprobe")?.as_deref() != Some("0"),
+            };
             for index in 0..num_vfs {
                 if let Some(vf) = read_virtfn(root, address, index)? {
                     virtfns.push((index, vf));

@@ -79,10 +79,7 @@ impl Authorizer {
             Ok(Err(e)) => return Err(deny(format!("cannot learn the caller's uid: {e}"))),
             Err(_) => return Err(deny("the bus did not tell the caller's uid in time".into())),
         };
-        let caller = Caller {
-            uid,
-            bus_name: sender.to_string(),
-        };
+        let caller = Caller::new(uid, sender.to_string());
         if uid == 0 {
             debug!(%sender, "root caller");
             return Ok(caller);

@@ -1,37 +1,41 @@
 //! The D-Bus face of the engine: `org.passthroughd.Passthrough1.Manager` at
 //! `/org/passthroughd/Passthrough1`.
 //!
-//! Each method parses its arguments, authorizes mutations ([`crate::service::authz`]), then runs the
-//! engine on a blocking thread with a time limit, so a stuck sysfs write never stalls the
-//! dispatch of other calls. Engine errors become D-Bus error names here, and only here.
+//! Each method parses its arguments (bounded in size), authorizes mutations ([`authz`]), then
+//! runs the engine on a blocking thread with a time limit, so a stuck sysfs write never stalls
+//! the dispatch of other calls. Reads share a small pool and are refused at once when it is
+//! full; a mutation still waiting for its groups when its caller gives up is dropped unstarted.
+//! Engine errors become D-Bus error names here, and only here. Results travel as the model
+//! types' dictionaries ([`passthroughd_proto::wire`]).
 
 pub mod authz;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
-use passthroughd_proto::wire::{
-    ChangeWire, FunctionRow, FunctionWire, GroupWire, HostReportWire, StatusWire, VfWire,
-};
+use passthroughd_proto::wire::{Dict, FunctionRow, to_dict, to_dicts};
 use passthroughd_proto::{
-    AssignOptions, Change, HostReport, PciAddress, ReleaseOptions, Status, VfInfo,
+    ApplyReport, AssignOptions, Change, ConfigState, HostReport, PciAddress, ReleaseOptions,
+    Status, VfCreateOptions, VfInfo,
 };
-use tokio::sync::mpsc;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
 use crate::Inventory;
-use crate::engine::{Caller, Manager};
-use crate::error::Error;
+use crate::engine::executor::{Announcement, Listener};
+use crate::engine::{Caller, Engine, MAX_ADDRESSES};
+use crate::error::{Error, seconds};
 use authz::Authorizer;
 
-/// What the service needs from the engine. [`Manager`] is the real one; tests of the D-Bus layer
+/// What the service needs from the engine. [`Engine`] is the real one; tests of the D-Bus layer
 /// can put a scripted one behind the same interface.
-pub trait Engine: Send + Sync + 'static {
-    /// What readers see; may be shared between requests (see `Manager::snapshot`).
+pub trait Backend: Send + Sync + 'static {
+    /// What readers see; may be shared between requests (see `Engine::snapshot`).
     fn inventory(&self) -> Result<Arc<Inventory>, Error>;
     fn assign(
         &self,
@@ -53,8 +57,7 @@ pub trait Engine: Send + Sync + 'static {
         caller: &Caller,
         pf: PciAddress,
         count: u32,
-        assign: bool,
-        runtime: bool,
+        options: VfCreateOptions,
     ) -> Result<Vec<VfInfo>, Error>;
     fn vf_destroy(
         &self,
@@ -63,11 +66,15 @@ pub trait Engine: Send + Sync + 'static {
         force: bool,
     ) -> Result<Vec<Change>, Error>;
     fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error>;
+    fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error>;
+    fn reload(&self) -> Result<ConfigState, Error>;
+    /// Where changes finished after their callers were answered are reported.
+    fn set_listener(&self, _listener: Listener) {}
 }
 
-impl Engine for Manager {
+impl Backend for Engine {
     fn inventory(&self) -> Result<Arc<Inventory>, Error> {
-        Manager::snapshot(self)
+        Engine::snapshot(self)
     }
     fn assign(
         &self,
@@ -75,7 +82,7 @@ impl Engine for Manager {
         addresses: &[PciAddress],
         options: AssignOptions,
     ) -> Result<Vec<Change>, Error> {
-        Manager::assign(self, caller, addresses, options)
+        Engine::assign(self, caller, addresses, options)
     }
     fn release(
         &self,
@@ -83,23 +90,22 @@ impl Engine for Manager {
         addresses: &[PciAddress],
         options: ReleaseOptions,
     ) -> Result<Vec<Change>, Error> {
-        Manager::release(self, caller, addresses, options)
+        Engine::release(self, caller, addresses, options)
     }
     fn status(&self) -> Result<Status, Error> {
-        Ok(Manager::status(self))
+        Ok(Engine::status(self))
     }
     fn host_report(&self) -> Result<HostReport, Error> {
-        Ok(Manager::host_report(self))
+        Ok(Engine::host_report(self))
     }
     fn vf_create(
         &self,
         caller: &Caller,
         pf: PciAddress,
         count: u32,
-        assign: bool,
-        runtime: bool,
+        options: VfCreateOptions,
     ) -> Result<Vec<VfInfo>, Error> {
-        Manager::vf_create(self, caller, pf, count, assign, runtime)
+        Engine::vf_create(self, caller, pf, count, options)
     }
     fn vf_destroy(
         &self,
@@ -107,19 +113,31 @@ impl Engine for Manager {
         pf: PciAddress,
         force: bool,
     ) -> Result<Vec<Change>, Error> {
-        Manager::vf_destroy(self, caller, pf, force)
+        Engine::vf_destroy(self, caller, pf, force)
     }
     fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error> {
-        Manager::vf_list(self, pf)
+        Engine::vf_list(self, pf)
+    }
+    fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error> {
+        Engine::apply(self, caller, dry_run)
+    }
+    fn reload(&self) -> Result<ConfigState, Error> {
+        Ok(Engine::reload(self))
+    }
+    fn set_listener(&self, listener: Listener) {
+        Engine::set_listener(self, listener);
     }
 }
 
 /// Tunables of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// Longest a caller waits for the engine; the engine goes on in the background after that.
+    /// Longest a caller waits for the engine.
     pub time_limit: Duration,
     pub authorizer: Authorizer,
+    /// Reads served at once; more wait up to `read_wait`, then get Busy.
+    pub readers: usize,
+    pub read_wait: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -127,6 +145,8 @@ impl Default for ServiceConfig {
         Self {
             time_limit: Duration::from_secs(30),
             authorizer: Authorizer::default(),
+            readers: 4,
+            read_wait: Duration::from_secs(2),
         }
     }
 }
@@ -135,29 +155,65 @@ impl Default for ServiceConfig {
 /// nobody can call before the object exists. The connection serves until dropped.
 pub async fn serve(
     bus: &proto_dbus::Bus,
-    engine: Arc<dyn Engine>,
+    engine: Arc<dyn Backend>,
     config: ServiceConfig,
 ) -> zbus::Result<Connection> {
     let (announce, announcements) = mpsc::unbounded_channel();
-    tokio::spawn(announce_in_order(announcements));
+    let late = announce.clone();
+    engine.set_listener(Box::new(move |a| {
+        // Only fails once the service is gone, and then nobody listens.
+        let _ = late.send(a);
+    }));
     let object = ManagerObject {
         engine,
+        readers: Arc::new(Semaphore::new(config.readers.max(1))),
         config,
         announce,
     };
-    bus.builder()?
+    let connection = bus
+        .builder()?
         .serve_at(PATH, object)?
         .name(SERVICE)?
         .build()
-        .await
+        .await?;
+    tokio::spawn(announce_in_order(connection.clone(), announcements));
+    Ok(connection)
+}
+
+/// Resolves when the daemon no longer owns its bus name: the bus took it away, or the
+/// connection to the bus is gone. The caller then exits, so that systemd restarts it.
+pub async fn name_lost(connection: &Connection) -> String {
+    let proxy = match zbus::fdo::DBusProxy::new(connection).await {
+        Ok(proxy) => proxy,
+        Err(e) => return format!("cannot watch the bus name: {e}"),
+    };
+    let mut lost = match proxy.receive_name_lost().await {
+        Ok(lost) => lost,
+        Err(e) => return format!("cannot watch the bus name: {e}"),
+    };
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            zbus::export::futures_core::Stream::poll_next(std::pin::Pin::new(&mut lost), cx)
+        })
+        .await;
+        match next {
+            Some(signal) => {
+                if signal.args().is_ok_and(|a| a.name == SERVICE) {
+                    return format!("the bus took the name {SERVICE} away");
+                }
+            }
+            None => return "the connection to the bus is gone".into(),
+        }
+    }
 }
 
 /// The served object.
 pub struct ManagerObject {
-    engine: Arc<dyn Engine>,
+    engine: Arc<dyn Backend>,
     config: ServiceConfig,
+    readers: Arc<Semaphore>,
     /// To the one task that emits signals (see [`announce_in_order`]).
-    announce: mpsc::UnboundedSender<(Connection, Announcement)>,
+    announce: mpsc::UnboundedSender<Announcement>,
 }
 
 impl std::fmt::Debug for ManagerObject {
@@ -191,12 +247,19 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     line
 }
 
-/// Parses caller-supplied addresses: each must parse, none may repeat, at least one is needed.
+/// Parses caller-supplied addresses: each must parse, none may repeat, at least one and at most
+/// [`MAX_ADDRESSES`] are needed.
 fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
     if texts.is_empty() {
         return Err(Error::InvalidArgument(
             "no PCI address given; name at least one function".into(),
         ));
+    }
+    if texts.len() > MAX_ADDRESSES {
+        return Err(Error::InvalidArgument(format!(
+            "{} addresses in one request; at most {MAX_ADDRESSES}",
+            texts.len()
+        )));
     }
     let mut seen = HashSet::with_capacity(texts.len());
     texts
@@ -213,30 +276,79 @@ fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
         .collect()
 }
 
-/// Parses one caller-supplied address.
+/// Parses one caller-supplied address (the parser bounds its length).
 fn parse_address(text: &str) -> Result<PciAddress, Error> {
     text.parse()
         .map_err(|e| Error::InvalidArgument(format!("{e}")))
 }
 
+/// A model value as its dictionary.
+fn dict<T: Serialize>(value: &T) -> Reply<Dict> {
+    to_dict(value).map_err(|e| to_dbus(&Error::Failed(format!("encoding the reply: {e}"))))
+}
+
+fn dicts<T: Serialize>(values: &[T]) -> Reply<Vec<Dict>> {
+    to_dicts(values).map_err(|e| to_dbus(&Error::Failed(format!("encoding the reply: {e}"))))
+}
+
 impl ManagerObject {
-    /// The caller of a mutating method, if authorized (uid 0 or polkit).
+    /// The caller of a mutating method, if authorized (uid 0 or polkit), with the deadline
+    /// after which its request is dropped unstarted.
     async fn authorize(&self, conn: &Connection, header: &Header<'_>) -> Reply<Caller> {
-        self.config
+        let mut caller = self
+            .config
             .authorizer
             .authorize(conn, header.sender())
             .await
-            .map_err(|e| to_dbus(&e))
+            .map_err(|e| to_dbus(&e))?;
+        caller.deadline = Some(Instant::now() + self.config.time_limit);
+        Ok(caller)
     }
 
-    /// Runs `work` on a blocking thread; past the time limit the caller gets `on_timeout`.
+    /// Runs a read on a blocking thread, at most `readers` at once; past the time limit the
+    /// caller gets an error. When the pool stays full for `read_wait`, Busy at once.
+    async fn read<T, F>(&self, what: &'static str, work: F) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
+    {
+        let permit = match tokio::time::timeout(
+            self.config.read_wait,
+            Arc::clone(&self.readers).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(to_dbus(&Error::Busy(format!(
+                    "{what}: the daemon is busy with other reads; try again in a moment"
+                ))));
+            }
+        };
+        let engine = Arc::clone(&self.engine);
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&*engine)
+        });
+        self.finish(what, task).await
+    }
+
+    /// Runs `work` on a blocking thread without the readers' pool (it touches no device).
     async fn blocking<T, F>(&self, what: &'static str, work: F) -> Reply<T>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn Engine) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
     {
         let engine = Arc::clone(&self.engine);
         let task = tokio::task::spawn_blocking(move || work(&*engine));
+        self.finish(what, task).await
+    }
+
+    async fn finish<T>(
+        &self,
+        what: &'static str,
+        task: tokio::task::JoinHandle<Result<T, Error>>,
+    ) -> Reply<T> {
         match tokio::time::timeout(self.config.time_limit, task).await {
             Ok(Ok(result)) => result.map_err(|e| to_dbus(&e)),
             Ok(Err(join)) => Err(internal(what, &join)),
@@ -252,7 +364,6 @@ impl ManagerObject {
     /// with `busy_hint` saying where to look).
     async fn mutate<T, F>(
         &self,
-        conn: &Connection,
         what: &'static str,
         busy_hint: &'static str,
         work: F,
@@ -260,16 +371,16 @@ impl ManagerObject {
     ) -> Reply<T>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn Engine) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
     {
         let engine = Arc::clone(&self.engine);
         let task = tokio::task::spawn_blocking(move || work(&*engine));
-        let (conn, announce) = (conn.clone(), self.announce.clone());
+        let announce = self.announce.clone();
         let finished = tokio::spawn(async move {
             let result = task.await;
             if let Ok(Ok(value)) = &result {
                 // Only fails once the service is gone, and then nobody listens.
-                let _ = announce.send((conn, announcement(value)));
+                let _ = announce.send(announcement(value));
             }
             result
         });
@@ -285,15 +396,6 @@ impl ManagerObject {
     }
 }
 
-/// "30 s", or "300 ms" for limits under a second.
-fn seconds(d: Duration) -> String {
-    if d >= Duration::from_secs(1) {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
-
 /// A panicked or cancelled engine task: the daemon stays up, the caller learns it failed.
 fn internal(what: &str, join: &tokio::task::JoinError) -> proto_dbus::Error {
     error!(%what, %join, "engine task failed");
@@ -302,23 +404,14 @@ fn internal(what: &str, join: &tokio::task::JoinError) -> proto_dbus::Error {
     )))
 }
 
-/// What a finished mutation tells listeners.
-#[derive(Debug)]
-enum Announcement {
-    /// `DriverChanged` (where the driver changed) and `AssignmentChanged` for each function.
-    Changes {
-        changes: Vec<Change>,
-        assigned: bool,
-    },
-    /// `VfsChanged(pf, count)`.
-    Vfs { pf: PciAddress, count: u32 },
-}
-
 /// Emits the signals of every finished mutation, one mutation after another in the order they
 /// finished: the callers' replies never wait for signals (two per function, each a trip through
 /// the bus), and two requests' signals never interleave. Ends with the service.
-async fn announce_in_order(mut announcements: mpsc::UnboundedReceiver<(Connection, Announcement)>) {
-    while let Some((conn, announcement)) = announcements.recv().await {
+async fn announce_in_order(
+    conn: Connection,
+    mut announcements: mpsc::UnboundedReceiver<Announcement>,
+) {
+    while let Some(announcement) = announcements.recv().await {
         let emitter = match SignalEmitter::new(&conn, PATH) {
             Ok(emitter) => emitter,
             Err(e) => {
@@ -326,39 +419,33 @@ async fn announce_in_order(mut announcements: mpsc::UnboundedReceiver<(Connectio
                 continue;
             }
         };
-        match announcement {
-            Announcement::Changes { changes, assigned } => {
-                for change in &changes {
-                    let address = change.address.to_string();
-                    let old = change.old_driver.as_deref().unwrap_or("");
-                    let new = change.new_driver.as_deref().unwrap_or("");
-                    if old != new
-                        && let Err(e) =
-                            ManagerObject::driver_changed(&emitter, &address, old, new).await
-                    {
-                        warn!(%address, %e, "cannot emit DriverChanged");
-                    }
-                    if let Err(e) =
-                        ManagerObject::assignment_changed(&emitter, &address, assigned).await
-                    {
-                        warn!(%address, %e, "cannot emit AssignmentChanged");
-                    }
-                }
+        for change in &announcement.changes {
+            let address = change.address.to_string();
+            let old = change.old_driver.as_deref().unwrap_or("");
+            let new = change.new_driver.as_deref().unwrap_or("");
+            if old != new
+                && let Err(e) = ManagerObject::driver_changed(&emitter, &address, old, new).await
+            {
+                warn!(%address, %e, "cannot emit DriverChanged");
             }
-            Announcement::Vfs { pf, count } => {
-                if let Err(e) = ManagerObject::vfs_changed(&emitter, &pf.to_string(), count).await {
-                    warn!(%pf, %e, "cannot emit VfsChanged");
-                }
+            let assigned = crate::kernel::driver::VFIO_PCI == new;
+            if let Err(e) = ManagerObject::assignment_changed(&emitter, &address, assigned).await {
+                warn!(%address, %e, "cannot emit AssignmentChanged");
+            }
+        }
+        for (pf, count) in &announcement.vfs {
+            if let Err(e) = ManagerObject::vfs_changed(&emitter, &pf.to_string(), *count).await {
+                warn!(%pf, %e, "cannot emit VfsChanged");
             }
         }
     }
 }
 
-/// The announcement of an assign (`assigned`) or release.
-fn changes(assigned: bool) -> impl FnOnce(&Vec<Change>) -> Announcement + Send + 'static {
-    move |changes| Announcement::Changes {
+/// The announcement of changes.
+fn changes() -> impl FnOnce(&Vec<Change>) -> Announcement + Send + 'static {
+    |changes| Announcement {
         changes: changes.clone(),
-        assigned,
+        vfs: Vec::new(),
     }
 }
 
@@ -369,7 +456,7 @@ const BUSY_VF: &str = "a VM may hold a VF (see passthroughctl vf list)";
 impl ManagerObject {
     /// Every PCI function, sorted by address, one struct row each (see `FunctionRow`).
     async fn list_functions(&self) -> Result<Vec<FunctionRow>, proto_dbus::Error> {
-        self.blocking("listing functions", |engine| {
+        self.read("listing functions", |engine| {
             Ok(engine
                 .inventory()?
                 .functions
@@ -381,31 +468,26 @@ impl ManagerObject {
     }
 
     /// Every IOMMU group, sorted by number.
-    async fn list_groups(&self) -> Result<Vec<GroupWire>, proto_dbus::Error> {
-        self.blocking("listing groups", |engine| {
-            Ok(engine
-                .inventory()?
-                .groups
-                .iter()
-                .map(GroupWire::from)
-                .collect())
-        })
-        .await
+    async fn list_groups(&self) -> Result<Vec<Dict>, proto_dbus::Error> {
+        let inventory = self
+            .read("listing groups", |engine| engine.inventory())
+            .await?;
+        dicts(&inventory.groups)
     }
 
     /// One function in full.
-    async fn show(&self, address: String) -> Result<FunctionWire, proto_dbus::Error> {
-        let address: PciAddress = address
-            .parse()
-            .map_err(|e| to_dbus(&Error::InvalidArgument(format!("{e}"))))?;
-        self.blocking("showing a function", move |engine| {
-            engine
-                .inventory()?
-                .function(address)
-                .map(FunctionWire::from)
-                .ok_or(Error::NoSuchDevice(address))
-        })
-        .await
+    async fn show(&self, address: String) -> Result<Dict, proto_dbus::Error> {
+        let address = parse_address(&address).map_err(|e| to_dbus(&e))?;
+        let function = self
+            .read("showing a function", move |engine| {
+                engine
+                    .inventory()?
+                    .function(address)
+                    .cloned()
+                    .ok_or(Error::NoSuchDevice(address))
+            })
+            .await?;
+        dict(&function)
     }
 
     /// Binds each function (with `group`, its whole IOMMU group) to vfio-pci, all or nothing.
@@ -417,7 +499,7 @@ impl ManagerObject {
         runtime: bool,
         group: bool,
         force: bool,
-    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
         let options = AssignOptions {
@@ -425,17 +507,17 @@ impl ManagerObject {
             group,
             force,
         };
-        info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "assign");
+        info!(uid = caller.uid, sender = %caller.bus_name, addresses = %addresses.len(),
+            ?options, "assign");
         let changes = self
             .mutate(
-                conn,
                 "assign",
                 BUSY_DEVICE,
                 move |engine| engine.assign(&caller, &addresses, options),
-                changes(true),
+                changes(),
             )
             .await?;
-        Ok(changes.iter().map(ChangeWire::from).collect())
+        dicts(&changes)
     }
 
     /// Returns each function to the driver it had before assignment.
@@ -445,42 +527,43 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
         addresses: Vec<String>,
         runtime: bool,
-    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
         let options = ReleaseOptions { runtime };
-        info!(uid = caller.uid, sender = %caller.bus_name, ?addresses, ?options, "release");
+        info!(uid = caller.uid, sender = %caller.bus_name, addresses = %addresses.len(),
+            ?options, "release");
         let changes = self
             .mutate(
-                conn,
                 "release",
                 BUSY_DEVICE,
                 move |engine| engine.release(&caller, &addresses, options),
-                changes(false),
+                changes(),
             )
             .await?;
-        Ok(changes.iter().map(ChangeWire::from).collect())
+        dicts(&changes)
     }
 
-    /// Daemon version, uptime, assignments and recent errors.
-    async fn status(&self) -> Result<StatusWire, proto_dbus::Error> {
-        self.blocking("reading the status", |engine| {
-            Ok(StatusWire::from(&engine.status()?))
-        })
-        .await
+    /// Daemon version, uptime, assignments, config, operations in flight, recent errors.
+    async fn status(&self) -> Result<Dict, proto_dbus::Error> {
+        let status = self
+            .blocking("reading the status", |engine| engine.status())
+            .await?;
+        dict(&status)
     }
 
     /// The host capability report: can this host pass devices through, and what to fix first.
     /// A read: no authorization. A host that is not ready is a successful report, not an error.
-    async fn host(&self) -> Result<HostReportWire, proto_dbus::Error> {
-        self.blocking("reading the host report", |engine| {
-            Ok(HostReportWire::from(&engine.host_report()?))
-        })
-        .await
+    async fn host(&self) -> Result<Dict, proto_dbus::Error> {
+        let report = self
+            .read("reading the host report", |engine| engine.host_report())
+            .await?;
+        dict(&report)
     }
 
     /// Creates `count` VFs on `pf` (through 0 when it has another count); with `assign` they go
     /// straight to vfio-pci without a host VF driver ever probing them. Returns the VFs.
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature: header, connection, five args
     async fn vf_create(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -489,55 +572,115 @@ impl ManagerObject {
         count: u32,
         assign: bool,
         runtime: bool,
-    ) -> Result<Vec<VfWire>, proto_dbus::Error> {
+        force: bool,
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
-        info!(uid = caller.uid, sender = %caller.bus_name, %pf, count, assign, runtime, "vf create");
+        let options = VfCreateOptions {
+            assign,
+            runtime,
+            force,
+        };
+        info!(uid = caller.uid, sender = %caller.bus_name, %pf, count, ?options, "vf create");
         let vfs = self
             .mutate(
-                conn,
                 "vf create",
                 BUSY_VF,
-                move |engine| engine.vf_create(&caller, pf, count, assign, runtime),
-                move |vfs: &Vec<VfInfo>| Announcement::Vfs {
-                    pf,
-                    count: u32::try_from(vfs.len()).unwrap_or(u32::MAX),
+                move |engine| engine.vf_create(&caller, pf, count, options),
+                move |vfs: &Vec<VfInfo>| Announcement {
+                    changes: Vec::new(),
+                    vfs: vec![(pf, u32::try_from(vfs.len()).unwrap_or(u32::MAX))],
                 },
             )
             .await?;
-        Ok(vfs.iter().map(VfWire::from).collect())
+        dicts(&vfs)
     }
 
-    /// Removes every VF of `pf` (`force`: even persistently assigned ones; never in-use ones).
+    /// Removes every VF of `pf` (`force`: even assigned ones; never in-use ones).
     async fn vf_destroy(
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         pf: String,
         force: bool,
-    ) -> Result<Vec<ChangeWire>, proto_dbus::Error> {
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
         info!(uid = caller.uid, sender = %caller.bus_name, %pf, force, "vf destroy");
         let changes = self
             .mutate(
-                conn,
                 "vf destroy",
                 BUSY_VF,
                 move |engine| engine.vf_destroy(&caller, pf, force),
-                move |_: &Vec<Change>| Announcement::Vfs { pf, count: 0 },
+                move |_: &Vec<Change>| Announcement {
+                    changes: Vec::new(),
+                    vfs: vec![(pf, 0)],
+                },
             )
             .await?;
-        Ok(changes.iter().map(ChangeWire::from).collect())
+        dicts(&changes)
     }
 
     /// Every VF of `pf`: index, address, driver, group, assignment, in-use holder.
-    async fn vf_list(&self, pf: String) -> Result<Vec<VfWire>, proto_dbus::Error> {
+    async fn vf_list(&self, pf: String) -> Result<Vec<Dict>, proto_dbus::Error> {
         let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
-        self.blocking("listing VFs", move |engine| {
-            Ok(engine.vf_list(pf)?.iter().map(VfWire::from).collect())
-        })
-        .await
+        let vfs = self
+            .read("listing VFs", move |engine| engine.vf_list(pf))
+            .await?;
+        dicts(&vfs)
+    }
+
+    /// Reconciles the host with the declarative config and stored requests; `dry_run` only
+    /// says what it would do (a read: no authorization needed for it).
+    async fn apply(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        dry_run: bool,
+    ) -> Result<Dict, proto_dbus::Error> {
+        let report = if dry_run {
+            let caller = Caller::new(u32::MAX, header.sender().map_or("", |s| s.as_str()));
+            self.read("planning apply", move |engine| engine.apply(&caller, true))
+                .await?
+        } else {
+            let caller = self.authorize(conn, &header).await?;
+            info!(uid = caller.uid, sender = %caller.bus_name, "apply");
+            self.mutate(
+                "apply",
+                BUSY_DEVICE,
+                move |engine| engine.apply(&caller, false),
+                |report: &ApplyReport| Announcement {
+                    changes: report
+                        .changes
+                        .iter()
+                        .filter_map(|c| {
+                            Some(Change {
+                                address: c.function.parse().ok()?,
+                                old_driver: c.from.clone(),
+                                new_driver: c.to.clone(),
+                            })
+                        })
+                        .collect(),
+                    vfs: report.vfs.iter().map(|v| (v.pf, v.to)).collect(),
+                },
+            )
+            .await?
+        };
+        dict(&report)
+    }
+
+    /// Re-reads the config file (as SIGHUP does); a broken file keeps the last good config.
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Dict, proto_dbus::Error> {
+        let caller = self.authorize(conn, &header).await?;
+        info!(uid = caller.uid, sender = %caller.bus_name, "reload");
+        let state = self
+            .blocking("reloading the config", |engine| engine.reload())
+            .await?;
+        dict(&state)
     }
 
     /// The VFs of `pf` changed; `count` is how many it has now.
@@ -586,6 +729,9 @@ mod tests {
         let err = parse_addresses(&strings(&["../x"])).unwrap_err();
         assert!(err.to_string().contains("contains '/'"), "{err}");
         assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        let many = vec!["01:00.0".to_owned(); MAX_ADDRESSES + 1];
+        let err = parse_addresses(&many).unwrap_err();
+        assert!(err.to_string().contains("at most 1024"), "{err}");
     }
 
     #[test]

@@ -1,58 +1,77 @@
-//! `state.toml`: the persistent assignments, re-applied at every start.
+//! `state.toml`: what the daemon was asked to keep, re-applied at every start.
 //!
 //! ```toml
-//! version = 1
+//! version = 3
 //!
-//! [[assignment]]
+//! [[assignment]]                 # a function that is not a VF
 //! address = "0000:01:00.0"
 //! vendor_id = "8086"
 //! device_id = "10c9"
 //! subsystem_vendor_id = "8086"
 //! subsystem_device_id = "a03c"
 //! previous_driver = "igb"
+//! source = "request"             # `assign` without --runtime; or "config"
 //!
-//! [[vfs]]
-//! pf = "0000:01:00.0"
-//! vendor_id = "8086"
+//! [[vfs]]                        # VFs of one PF, by index: never by their own addresses
+//! pf = "0000:05:00.0"
+//! vendor_id = "8086"             # the PF's ids: a VF is recognized through its PF
 //! device_id = "10c9"
 //! subsystem_vendor_id = "8086"
 //! subsystem_device_id = "a03c"
-//! count = 4
-//! assigned = [0, 1, 2, 3]
+//! count = 4                      # VFs this source created (absent: it only assigns VFs)
+//! assigned = [0, 1, 2, 3]        # VF indexes on vfio-pci
+//! source = "request"
 //! ```
 //!
-//! The daemon is the only writer. Every write is atomic (temp file in the same directory,
-//! fsync, rename, fsync the directory), so a crash leaves either the old or the new file. A file
-//! with a version we do not know is an error and is never overwritten: a newer daemon wrote it.
+//! One entry per (function or PF, source): a function claimed by a request and by the config
+//! has two entries and stays assigned until both let go.
+//!
+//! The daemon is the only writer. Every write is atomic ([`write_atomic`]), so a crash leaves
+//! either the old or the new file. A file with a version we do not know is an error and is
+//! never overwritten: a newer daemon wrote it.
 
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use passthroughd_proto::{DeviceIdentity, PciAddress};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::error::StoreError;
+use crate::store::atomic::{one_line, write_atomic};
 
 pub const STATE_FILE: &str = "state.toml";
-/// Version 2 added `[[vfs]]`; version 1 files (assignments only) are read as they are and
-/// written back as version 2. The bump keeps an older daemon from silently dropping VFs.
-pub const STATE_VERSION: i64 = 2;
-const READABLE_VERSIONS: &[i64] = &[1, 2];
+/// Version 3 stores VF assignments by (PF, index) and says where each entry comes from;
+/// version 2 added `[[vfs]]`. Older files are read (every entry a request) and written back
+/// as version 3, which older daemons refuse rather than misread.
+pub const STATE_VERSION: i64 = 3;
+const READABLE_VERSIONS: &[i64] = &[1, 2, 3];
 
-/// The VFs a persistent `vf create` made: recorded by the PF's address and identity, the count
-/// and the VF indexes on vfio-pci, never by the VFs' own addresses.
+/// Who asked for a stored entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `assign` or `vf create` without `--runtime`.
+    #[default]
+    Request,
+    /// An entry of the declarative config (kept so that removing the entry releases it).
+    Config,
+}
+
+/// VFs of one PF: the count a source created and the VF indexes it assigned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredVfs {
     pub pf: PciAddress,
     #[serde(flatten)]
     pub identity: StoredIdentity,
-    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
     #[serde(default)]
     pub assigned: Vec<u32>,
+    #[serde(default)]
+    pub source: Source,
 }
 
-/// One persistent assignment as stored.
+/// One stored assignment of a function that is not a VF.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredAssignment {
     pub address: PciAddress,
@@ -60,6 +79,8 @@ pub struct StoredAssignment {
     pub identity: StoredIdentity,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_driver: Option<String>,
+    #[serde(default)]
+    pub source: Source,
 }
 
 /// Ids as 4-digit hex strings, the way `lspci -n` shows them, so the file reads naturally.
@@ -111,11 +132,10 @@ struct StateFile {
     vfs: Vec<StoredVfs>,
 }
 
-/// The persisted assignments, sorted by address.
+/// The stored entries, sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub assignments: Vec<StoredAssignment>,
-    /// Persistent VFs, sorted by PF address.
     pub vfs: Vec<StoredVfs>,
 }
 
@@ -125,14 +145,23 @@ impl State {
     }
 
     /// Reads `state.toml`; an absent file is an empty state.
-    pub fn load(state_dir: &Path) -> Result<Self, Error> {
+    pub fn load(state_dir: &Path) -> Result<Self, StoreError> {
         let path = Self::path(state_dir);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(Error::Failed(format!("reading {}: {e}", path.display()))),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "reading",
+                    path,
+                    source,
+                });
+            }
         };
-        let bad = |why: String| Error::Failed(format!("{} is unusable: {why}", path.display()));
+        let bad = |why: String| StoreError::Unusable {
+            path: path.clone(),
+            why,
+        };
         // Check the version before the schema: a newer layout must be named as such.
         let table: toml::Table = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
         match table.get("version").and_then(toml::Value::as_integer) {
@@ -146,91 +175,38 @@ impl State {
             None => return Err(bad("no format version".into())),
         }
         let file: StateFile = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
-        let mut assignments = file.assignments;
-        assignments.sort_by_key(|a| a.address);
-        let mut vfs = file.vfs;
-        vfs.sort_by_key(|v| v.pf);
-        Ok(Self { assignments, vfs })
+        let mut state = Self {
+            assignments: file.assignments,
+            vfs: file.vfs,
+        };
+        state.sort();
+        Ok(state)
+    }
+
+    fn sort(&mut self) {
+        self.assignments.sort_by_key(|a| (a.address, a.source));
+        self.vfs.sort_by_key(|v| (v.pf, v.source));
     }
 
     /// Writes `state.toml` atomically.
-    pub fn save(&self, state_dir: &Path) -> Result<(), Error> {
+    pub fn save(&self, state_dir: &Path) -> Result<(), StoreError> {
+        let mut sorted = self.clone();
+        sorted.sort();
         let file = StateFile {
             version: STATE_VERSION,
-            assignments: self.assignments.clone(),
-            vfs: self.vfs.clone(),
+            assignments: sorted.assignments,
+            vfs: sorted.vfs,
         };
-        let text = toml::to_string(&file)
-            .map_err(|e| Error::Failed(format!("encoding {STATE_FILE}: {e}")))?;
-        write_atomic(state_dir, STATE_FILE, text.as_bytes()).map_err(|e| {
-            Error::Failed(format!(
-                "writing {STATE_FILE} in {}: {e}",
-                state_dir.display()
-            ))
+        let path = Self::path(state_dir);
+        let text = toml::to_string(&file).map_err(|e| StoreError::Unusable {
+            path: path.clone(),
+            why: format!("cannot encode it: {e}"),
+        })?;
+        write_atomic(state_dir, STATE_FILE, text.as_bytes()).map_err(|source| StoreError::Io {
+            what: "writing",
+            path,
+            source,
         })
-    }
-
-    pub fn get(&self, address: PciAddress) -> Option<&StoredAssignment> {
-        self.assignments.iter().find(|a| a.address == address)
-    }
-
-    /// Adds or replaces the entry for its address.
-    pub fn upsert(&mut self, entry: StoredAssignment) {
-        self.assignments.retain(|a| a.address != entry.address);
-        self.assignments.push(entry);
-        self.assignments.sort_by_key(|a| a.address);
-    }
-
-    /// Adds or replaces the VF entry of its PF.
-    pub fn upsert_vfs(&mut self, entry: StoredVfs) {
-        self.vfs.retain(|v| v.pf != entry.pf);
-        self.vfs.push(entry);
-        self.vfs.sort_by_key(|v| v.pf);
-    }
-
-    pub fn remove_vfs(&mut self, pf: PciAddress) -> bool {
-        let before = self.vfs.len();
-        self.vfs.retain(|v| v.pf != pf);
-        before != self.vfs.len()
-    }
-
-    pub fn remove(&mut self, address: PciAddress) -> bool {
-        let before = self.assignments.len();
-        self.assignments.retain(|a| a.address != address);
-        before != self.assignments.len()
-    }
-}
-
-/// TOML errors span several lines (a source excerpt); our messages are one line.
-pub fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Replaces `dir/name` with `contents` so that a crash leaves the old or the new file: a temp
-/// file in the same directory (same filesystem, so rename is atomic), fsync, rename, fsync dir.
-pub fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
-    let mut temp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    temp.write_all(contents)?;
-    temp.as_file().sync_all()?;
-    // On error the temp file is removed when the returned error drops it.
-    temp.persist(dir.join(name)).map_err(|e| e.error)?;
-    File::open(dir)?.sync_all()
-}
-
-/// Removes `dir/name` and makes the removal durable; absent is fine.
-pub fn remove_durably(dir: &Path, name: &str) -> io::Result<()> {
-    match std::fs::remove_file(dir.join(name)) {
-        Ok(()) => File::open(dir)?.sync_all(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
     }
 }
 
@@ -239,60 +215,91 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn entry(address: &str) -> StoredAssignment {
+    fn identity() -> StoredIdentity {
+        StoredIdentity(DeviceIdentity {
+            vendor_id: 0x8086,
+            device_id: 0x10c9,
+            subsystem_vendor_id: 0x8086,
+            subsystem_device_id: 0xa03c,
+        })
+    }
+
+    fn entry(address: &str, source: Source) -> StoredAssignment {
         StoredAssignment {
             address: address.parse().unwrap(),
-            identity: StoredIdentity(DeviceIdentity {
-                vendor_id: 0x8086,
-                device_id: 0x10c9,
-                subsystem_vendor_id: 0x8086,
-                subsystem_device_id: 0xa03c,
-            }),
+            identity: identity(),
             previous_driver: Some("igb".into()),
+            source,
         }
     }
 
     #[test]
-    fn round_trips_and_leaves_no_temp_files() {
+    fn round_trips_sorted_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), State::default());
-        let mut state = State::default();
-        state.upsert(entry("0000:02:00.0"));
-        state.upsert(entry("0000:01:00.0"));
+        let state = State {
+            assignments: vec![
+                entry("0000:02:00.0", Source::Request),
+                entry("0000:01:00.0", Source::Config),
+                entry("0000:01:00.0", Source::Request),
+            ],
+            vfs: vec![StoredVfs {
+                pf: "0000:05:00.0".parse().unwrap(),
+                identity: identity(),
+                count: None,
+                assigned: vec![2],
+                source: Source::Request,
+            }],
+        };
         state.save(dir.path()).unwrap();
-        state.remove("0000:02:00.0".parse().unwrap());
-        state.save(dir.path()).unwrap();
-        assert_eq!(State::load(dir.path()).unwrap(), state);
+        let loaded = State::load(dir.path()).unwrap();
+        let order: Vec<_> = loaded
+            .assignments
+            .iter()
+            .map(|a| (a.address.to_string(), a.source))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("0000:01:00.0".to_owned(), Source::Request),
+                ("0000:01:00.0".to_owned(), Source::Config),
+                ("0000:02:00.0".to_owned(), Source::Request)
+            ]
+        );
+        assert_eq!(loaded.vfs, state.vfs);
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec![STATE_FILE.to_owned()]);
         let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
-        assert!(text.starts_with("version = 2\n"), "{text}");
+        assert!(text.starts_with("version = 3\n"), "{text}");
         assert!(text.contains("vendor_id = \"8086\""), "{text}");
         assert!(text.contains("previous_driver = \"igb\""), "{text}");
+        assert!(text.contains("source = \"config\""), "{text}");
+        assert!(!text.contains("count"), "no count: only assigned: {text}");
     }
 
     #[test]
-    fn version_1_is_read_and_written_back_as_2_with_vfs() {
+    fn versions_1_and_2_are_read_as_requests() {
         let dir = tempfile::tempdir().unwrap();
         let v1 = "version = 1\n\n[[assignment]]\naddress = \"0000:01:00.0\"\nvendor_id = \"8086\"\n\
                   device_id = \"10c9\"\nsubsystem_vendor_id = \"8086\"\nsubsystem_device_id = \"a03c\"\n";
         std::fs::write(State::path(dir.path()), v1).unwrap();
-        let mut state = State::load(dir.path()).unwrap();
+        let state = State::load(dir.path()).unwrap();
         assert_eq!(state.assignments.len(), 1);
-        assert!(state.vfs.is_empty());
-        state.upsert_vfs(StoredVfs {
-            pf: "0000:01:00.0".parse().unwrap(),
-            identity: entry("0000:01:00.0").identity,
-            count: 4,
-            assigned: vec![0, 2],
-        });
+        assert_eq!(state.assignments[0].source, Source::Request);
+        let v2 = "version = 2\n\n[[vfs]]\npf = \"0000:01:00.0\"\nvendor_id = \"8086\"\n\
+                  device_id = \"10c9\"\nsubsystem_vendor_id = \"8086\"\nsubsystem_device_id = \"a03c\"\n\
+                  count = 4\nassigned = [0, 2]\n";
+        std::fs::write(State::path(dir.path()), v2).unwrap();
+        let state = State::load(dir.path()).unwrap();
+        assert_eq!(state.vfs[0].count, Some(4));
+        assert_eq!(state.vfs[0].assigned, [0, 2]);
+        assert_eq!(state.vfs[0].source, Source::Request);
         state.save(dir.path()).unwrap();
         let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
-        assert!(text.starts_with("version = 2\n"), "{text}");
-        assert!(text.contains("[[vfs]]"), "{text}");
+        assert!(text.starts_with("version = 3\n"), "{text}");
         assert_eq!(State::load(dir.path()).unwrap(), state);
     }
 
@@ -300,9 +307,9 @@ mod tests {
     fn unknown_versions_are_refused_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = State::path(dir.path());
-        std::fs::write(&path, "version = 3\n[[assignment]]\nwhatever = 1\n").unwrap();
+        std::fs::write(&path, "version = 4\n[[assignment]]\nwhatever = 1\n").unwrap();
         let err = State::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("version 3"), "{err}");
+        assert!(err.contains("version 4"), "{err}");
         assert!(!err.contains('\n'));
         std::fs::write(&path, "[[assignment]]\n").unwrap();
         assert!(

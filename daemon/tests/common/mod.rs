@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use passthroughd::engine::{EngineOptions, StartupReport};
-use passthroughd::{Caller, Manager, ManagerConfig, PciIds, SysfsRoot};
+use passthroughd::{Caller, Engine, EngineConfig, PciIds, SysfsRoot};
 use passthroughd_proto::PciAddress;
 use passthroughd_testkit::sim::{SimDevice, SimKernel};
 
@@ -26,10 +26,7 @@ pub fn a(s: &str) -> PciAddress {
 }
 
 pub fn caller() -> Caller {
-    Caller {
-        uid: 0,
-        bus_name: ":1.7".into(),
-    }
+    Caller::new(0, ":1.7")
 }
 
 pub const NIC: &str = "0000:01:00.0";
@@ -104,21 +101,22 @@ impl Host {
         self.dir.path().join("state")
     }
 
-    pub fn config(&self) -> ManagerConfig {
-        ManagerConfig {
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
             root: self.root(),
             state_dir: self.state_dir(),
             kernel: self.sim.clone(),
             ids: Arc::new(PciIds::empty()),
+            config: None,
         }
     }
 
-    pub fn open(&self) -> (Manager, StartupReport) {
-        Manager::open(self.config()).unwrap()
+    pub fn open(&self) -> (Engine, StartupReport) {
+        Engine::open(self.config()).unwrap()
     }
 
-    pub fn open_with(&self, options: EngineOptions) -> (Manager, StartupReport) {
-        Manager::open_with(self.config(), options).unwrap()
+    pub fn open_with(&self, options: EngineOptions) -> (Engine, StartupReport) {
+        Engine::open_with(self.config(), options).unwrap()
     }
 
     pub fn driver(&self, addr: &str) -> Option<String> {

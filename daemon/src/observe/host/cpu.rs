@@ -440,8 +440,8 @@ mod tests {
 
     fn feature_control(release: &str, vmx: bool, value: u64) -> MsrReading {
         let dir = root(release, vmx);
-        let sysfs = crate::sysfs::SysfsRoot::new(dir.path());
-        let msr = crate::host::FixedMsrs::new("msr", [(IA32_FEATURE_CONTROL, value)]);
+        let sysfs = crate::kernel::sysfs::SysfsRoot::new(dir.path());
+        let msr = crate::observe::host::FixedMsrs::new("msr", [(IA32_FEATURE_CONTROL, value)]);
         let probe = Probe::read(&sysfs, &msr);
         intel_feature_control(&probe, value)
     }
