@@ -629,3 +629,65 @@ fn the_served_interface_matches_the_checked_in_xml() {
         "the served interface differs from {path}; served:\n{served}"
     );
 }
+
+#[test]
+fn reads_share_a_bounded_pool_and_are_refused_at_once_when_it_is_full() {
+    let config = ServiceConfig {
+        readers: 2,
+        read_wait: Duration::from_millis(200),
+        ..ServiceConfig::default()
+    };
+    let h = Harness::start_with(TestBus::start(), SHAPE, config);
+    *h.engine.slow_reads.lock().unwrap() = Some(Duration::from_millis(1500));
+    let _rt = h.runtime.enter();
+    let conn = h.client();
+    let started = std::time::Instant::now();
+    let results: Vec<Result<usize, String>> = h.runtime.block_on(async {
+        let proxy = ManagerProxy::new(&conn).await.unwrap();
+        let calls = (0..6).map(|_| {
+            let proxy = proxy.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let result = proxy.list_functions().await;
+                (started.elapsed(), result)
+            }
+        });
+        let mut handles = Vec::new();
+        for call in calls {
+            handles.push(tokio::spawn(call));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            let (took, result) = h.await.unwrap();
+            out.push(match result {
+                Ok(rows) => Ok(rows.len()),
+                Err(e) => {
+                    assert!(took < Duration::from_millis(800), "refused late: {took:?}");
+                    Err(e.to_string())
+                }
+            });
+        }
+        out
+    });
+    let refused: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 4, "{results:?}");
+    assert!(
+        refused[0].contains("busy with other reads"),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+    // Status never waits for the pool.
+    *h.engine.slow_reads.lock().unwrap() = Some(Duration::from_secs(3));
+    let conn2 = h.client();
+    h.runtime.block_on(async {
+        let proxy = ManagerProxy::new(&conn2).await.unwrap();
+        let p2 = proxy.clone();
+        let _busy = tokio::spawn(async move { p2.list_functions().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = std::time::Instant::now();
+        proxy.status().await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(500));
+    });
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -128,6 +128,8 @@ struct SimState {
     vanish: Vec<(SimOp, PciAddress)>,
     delays: Vec<(SimOp, PciAddress, Duration)>,
     probe_nothing: HashSet<PciAddress>,
+    /// Devices whose lock-taking attributes block readers during a delayed write.
+    device_locks: HashSet<PciAddress>,
     writes: Vec<SimWrite>,
     modules: Vec<String>,
     sriov: HashMap<PciAddress, SimSriov>,
@@ -226,6 +228,11 @@ impl SimKernel {
     }
 
     /// Writes of kind `op` for `address` take `delay` (an unbind held up by an open VFIO fd).
+    /// Writes are no longer delayed (every [`Self::delay`] is forgotten).
+    pub fn clear_delays(&self) {
+        self.state().delays.clear();
+    }
+
     pub fn delay(&self, op: SimOp, address: PciAddress, delay: Duration) {
         self.state().delays.push((op, address, delay));
     }
@@ -516,6 +523,66 @@ impl SimKernel {
     }
 
     /// A process `pid` named `comm` with open files: `(fd, target)` as `/proc/PID/fd/N` links.
+    /// While a delayed write about `address` runs, reading its `driver_override` or
+    /// `sriov_numvfs` blocks (both are FIFOs meanwhile), as the kernel's device lock makes such
+    /// reads wait behind a blocked unbind; blocked readers get an empty value at the end.
+    pub fn lock_device_during_writes(&self, address: PciAddress) {
+        self.state().device_locks.insert(address);
+    }
+
+    /// A process holding a VFIO device fd without its group fd (`anon_inode:[vfio-device]`).
+    /// With `device`, the fd's fdinfo names the function's sysfs path, as kernels since 6.9 do.
+    pub fn add_vfio_device_holder(
+        &self,
+        pid: u32,
+        comm: &str,
+        fd: u32,
+        device: Option<PciAddress>,
+    ) -> io::Result<()> {
+        self.add_process(pid, comm, &[(fd, "anon_inode:[vfio-device]")])?;
+        let fdinfo = self.sysfs.proc_dir().join(pid.to_string()).join("fdinfo");
+        fs::create_dir_all(&fdinfo)?;
+        let mut text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n".to_owned();
+        if let Some(device) = device {
+            text.push_str(&format!(
+                "vfio-device-syspath: /sys/devices/pci0000:00/0000:00:10.0/{device}\n"
+            ));
+        }
+        fs::write(fdinfo.join(fd.to_string()), text)
+    }
+
+    /// Turns the lock-taking attributes of `address` into FIFOs (see
+    /// [`Self::lock_device_during_writes`]); returns what to put back.
+    fn lock_attrs(&self, address: PciAddress) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut held = Vec::new();
+        for attr in ["driver_override", "sriov_numvfs"] {
+            let path = self.sysfs.pci_device_attr(address, attr);
+            if let Ok(content) = fs::read(&path)
+                && fs::remove_file(&path).is_ok()
+                && nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o644))
+                    .is_ok()
+            {
+                held.push((path, content));
+            }
+        }
+        held
+    }
+
+    /// Wakes readers blocked on the FIFOs and puts the attributes back.
+    fn unlock_attrs(held: Vec<(PathBuf, Vec<u8>)>) {
+        use std::os::unix::fs::OpenOptionsExt;
+        for (path, content) in held {
+            // A reader blocked in open() counts as one: this open wakes it, the close gives it
+            // end-of-file. No reader: ENXIO, nothing to wake.
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&path);
+            let _ = fs::remove_file(&path);
+            let _ = fs::write(&path, content);
+        }
+    }
+
     pub fn add_process(&self, pid: u32, comm: &str, fds: &[(u32, &str)]) -> io::Result<()> {
         let dir = self.sysfs.proc_dir().join(pid.to_string());
         fs::create_dir_all(dir.join("fd"))?;
@@ -898,7 +965,12 @@ impl Kernel for SimKernel {
             })
         };
         if let Some(delay) = delay {
+            let locked = target
+                .filter(|(_, a)| self.state().device_locks.contains(a))
+                .map(|(_, a)| self.lock_attrs(a))
+                .unwrap_or_default();
             std::thread::sleep(delay);
+            Self::unlock_attrs(locked);
         }
         self.apply(&rel, value)?;
         if let Some((op, address)) = target {

@@ -3,10 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +13,6 @@ use passthroughd::error::Error;
 use passthroughd::observe::host;
 use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
-use passthroughd_proto::dbus::Bus;
 use passthroughd_proto::{
     ApplyReport, AssignOptions, Change, ConfigState, HostReport, PciAddress, ReleaseOptions,
     Status, VfCreateOptions, VfInfo,
@@ -30,79 +27,7 @@ pub const SHAPE: HostShape = HostShape {
     groups: 8,
 };
 
-/// A `dbus-daemon` on a socket in a temporary directory; killed on drop.
-pub struct TestBus {
-    pub dir: tempfile::TempDir,
-    pub address: String,
-    child: Child,
-}
-
-impl TestBus {
-    /// A session-like bus that lets anyone (any uid) connect, own names and call.
-    pub fn start() -> Self {
-        Self::with_policy(
-            r#"<policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>"#,
-        )
-    }
-
-    pub fn with_policy(policy: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        // Let an unprivileged CLI (setpriv) reach the socket.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = dir.path().join("bus");
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  {policy}
-</busconfig>
-"#,
-                socket.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--print-address", "--nofork"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("dbus-daemon must be installed (package dbus)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line.trim().to_owned();
-        assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
-        Self {
-            dir,
-            address,
-            child,
-        }
-    }
-
-    pub fn bus(&self) -> Bus {
-        Bus::Address(self.address.clone())
-    }
-}
-
-impl Drop for TestBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use passthroughd_testkit::bus::TestBus;
 
 /// What the scripted engine was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +63,8 @@ pub struct ScriptedEngine {
     pub root: SysfsRoot,
     pub calls: Mutex<Vec<Call>>,
     pub script: Mutex<Script>,
+    /// Every read takes this long (a device the kernel holds locked).
+    pub slow_reads: Mutex<Option<Duration>>,
 }
 
 impl ScriptedEngine {
@@ -146,6 +73,7 @@ impl ScriptedEngine {
             root: SysfsRoot::new(root),
             calls: Mutex::new(Vec::new()),
             script: Mutex::new(Script::Succeed),
+            slow_reads: Mutex::new(None),
         })
     }
 
@@ -189,6 +117,9 @@ impl ScriptedEngine {
 
 impl Backend for ScriptedEngine {
     fn inventory(&self) -> Result<Arc<Inventory>, Error> {
+        if let Some(d) = *self.slow_reads.lock().unwrap() {
+            std::thread::sleep(d);
+        }
         Ok(Arc::new(Inventory::scan(&self.root, &PciIds::empty())?))
     }
     fn assign(

@@ -822,6 +822,7 @@ impl Engine {
     /// then everything carried out.
     fn start_apply(&self, report: &mut StartupReport) -> Result<(), Error> {
         let caller = startup_caller();
+        self.adopt_vf_claims(&caller)?;
         report.apply = self.apply_desired(&caller, false, true)?;
         let registry = lock(&self.registry).clone();
         for (target, held) in registry.functions() {
@@ -858,6 +859,63 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Claims stored by address (state.toml before version 3) whose function is a VF now become
+    /// claims on (PF, index), so a renumbering or another VF count never moves them to the wrong
+    /// function. Only when the address still holds the device that was claimed.
+    fn adopt_vf_claims(&self, caller: &Caller) -> Result<(), Error> {
+        let registry = lock(&self.registry).clone();
+        let loose: Vec<(PciAddress, &registry::Held)> = registry
+            .functions()
+            .filter_map(|(t, h)| match t {
+                Target::Function(a) => Some((*a, h)),
+                Target::Vf { .. } => None,
+            })
+            .collect();
+        if loose.is_empty() {
+            return Ok(());
+        }
+        let inventory = self.inventory()?;
+        let mut plan = Plan::new(
+            plan::Operation::Apply,
+            plan::OnCrash::Finish,
+            BTreeSet::new(),
+        );
+        for (address, held) in loose {
+            let Some(f) = inventory.function(address) else {
+                continue;
+            };
+            let (Some(vf), Some(pf)) = (f.vf_of, f.vf_of.and_then(|v| inventory.function(v.pf)))
+            else {
+                continue;
+            };
+            if planner::identity_of(f) != held.identity {
+                continue;
+            }
+            for claim in &held.claims {
+                plan.push(Step::Unclaim(plan::ClaimRecord {
+                    target: Target::Function(address),
+                    identity: held.identity,
+                    previous_driver: held.previous_driver.clone(),
+                    claim: claim.clone(),
+                }));
+                plan.push(Step::Claim(plan::ClaimRecord {
+                    target: Target::Vf {
+                        pf: vf.pf,
+                        index: vf.index,
+                    },
+                    identity: planner::identity_of(pf),
+                    previous_driver: held.previous_driver.clone(),
+                    claim: claim.clone(),
+                }));
+            }
+            info!(%address, pf = %vf.pf, index = vf.index, "stored VF assignment now kept as (PF, index)");
+        }
+        let guard = self
+            .locks
+            .acquire(BTreeSet::new(), "start", self.options.group_wait)?;
+        self.executor.run(caller, plan, guard).map(drop)
     }
 
     /// Plans the desired state in its two phases, executes what is not refused (unless

@@ -86,7 +86,14 @@ pub struct OpenFile {
     pub pid: u32,
     pub comm: String,
     pub target: String,
+    /// For a VFIO device fd (`anon_inode:[vfio-device]`, got through a group that may be closed
+    /// since): the function it opens, from the fd's `vfio-device-syspath` (kernels since 6.9);
+    /// `None` when the kernel does not say.
+    pub device: Option<PciAddress>,
 }
+
+/// What a VFIO device fd obtained through its group looks like in `/proc/PID/fd`.
+const VFIO_DEVICE_FD: &str = "anon_inode:[vfio-device]";
 
 #[derive(Debug, Clone, Default)]
 struct BlockDev {
@@ -468,7 +475,16 @@ impl HostSnapshot {
         for dev in self.vfio_devs.get(&function.address).into_iter().flatten() {
             nodes.push(format!("/dev/vfio/devices/{dev}"));
         }
-        self.open_files.iter().find(|f| nodes.contains(&f.target))
+        let on_vfio = driver_is_vfio(function.driver.as_deref());
+        self.open_files.iter().find(|f| {
+            nodes.contains(&f.target)
+                || (f.target == VFIO_DEVICE_FD
+                    && match f.device {
+                        Some(device) => device == function.address,
+                        // An older kernel does not say which device: it may be this one.
+                        None => on_vfio,
+                    })
+        })
     }
 }
 
@@ -672,7 +688,18 @@ fn read_fb_console(root: &SysfsRoot) -> Option<String> {
     })
 }
 
-/// Open VFIO and DRM nodes of every process (`/proc/PID/fd/N` links), never by opening them.
+/// The function a VFIO device fd opens, from its fdinfo's `vfio-device-syspath: /sys/devices/...`
+/// line (the last PCI address in that path).
+fn vfio_device_of(fdinfo: &str) -> Option<PciAddress> {
+    let path = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("vfio-device-syspath:"))?
+        .trim();
+    pci_path_components(Path::new(path)).last().copied()
+}
+
+/// Open VFIO and DRM nodes of every process (`/proc/PID/fd/N` links), never by opening them,
+/// and VFIO device fds held without their group (`anon_inode:[vfio-device]`).
 /// Processes we cannot read (gone, or not ours without root) are skipped.
 pub fn scan_open_files(proc: &Path) -> Vec<OpenFile> {
     let mut found = Vec::new();
@@ -696,7 +723,8 @@ pub fn scan_open_files(proc: &Path) -> Vec<OpenFile> {
                 continue;
             };
             let target = target.to_string_lossy();
-            if target.starts_with("/dev/vfio/") || target.starts_with("/dev/dri/") {
+            let vfio_device = target == VFIO_DEVICE_FD;
+            if vfio_device || target.starts_with("/dev/vfio/") || target.starts_with("/dev/dri/") {
                 let comm = comm
                     .get_or_insert_with(|| {
                         read_attr(&entry.path().join("comm"))
@@ -705,10 +733,17 @@ pub fn scan_open_files(proc: &Path) -> Vec<OpenFile> {
                             .unwrap_or_else(|| "?".into())
                     })
                     .clone();
+                let device = if vfio_device {
+                    let fdinfo = entry.path().join("fdinfo").join(fd.file_name());
+                    vfio_device_of(&std::fs::read_to_string(fdinfo).unwrap_or_default())
+                } else {
+                    None
+                };
                 found.push(OpenFile {
                     pid,
                     comm,
                     target: target.into_owned(),
+                    device,
                 });
             }
         }
