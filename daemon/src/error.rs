@@ -168,6 +168,22 @@ pub enum StoreError {
     Unusable { path: PathBuf, why: String },
 }
 
+/// "what failed: why: root cause" on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // Some messages already include their cause; do not say it twice.
+        let cause_text = cause.to_string();
+        if !line.ends_with(&cause_text) {
+            line.push_str(": ");
+            line.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
 /// "30 s", or "300 ms" for limits under a second.
 pub fn seconds(d: Duration) -> String {
     if d >= Duration::from_secs(1) {

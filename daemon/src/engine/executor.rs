@@ -26,11 +26,12 @@ use crate::engine::plan::{LockKey, OnCrash, Plan, Step, Target};
 use crate::engine::registry::Registry;
 use crate::error::Error;
 use crate::kernel::driver::{Drivers, Progress};
+use crate::kernel::sysfs::SysfsRoot;
 use crate::kernel::sysfs::read_link_name;
 use crate::observe::guard::{AddressProvider, HostSnapshot, Severity};
 use crate::observe::inventory::Inventory;
+use crate::observe::pciids::PciIds;
 use crate::store::journal::JournalEntry;
-use crate::{PciIds, SysfsRoot};
 
 /// At most this many IOMMU groups are bound at once by one plan.
 const MAX_BIND_THREADS: usize = 8;

@@ -41,13 +41,15 @@ use crate::engine::registry::Registry;
 use crate::error::Error;
 use crate::kernel::Kernel;
 use crate::kernel::driver::{Drivers, InFlight, VFIO_PCI};
+use crate::kernel::sysfs::SysfsRoot;
 use crate::kernel::sysfs::read_link_name;
 use crate::observe::guard::{AddressProvider, HostSnapshot, StaticAddresses, SystemAddresses};
 use crate::observe::inventory::Avoid;
+use crate::observe::inventory::Inventory;
+use crate::observe::pciids::PciIds;
 use crate::store::config::ConfigSlot;
 use crate::store::journal;
 use crate::store::state::State;
-use crate::{Inventory, PciIds, SysfsRoot};
 
 /// Who asked, for the log line every mutation writes (authorization happens before this), and
 /// until when they wait: a request still queued past its deadline is dropped unstarted.
@@ -997,7 +999,7 @@ impl Engine {
                     lock(&failed).push(Refusal {
                         entry: unit.label.clone(),
                         function: None,
-                        reason: crate::service::error_chain(&e),
+                        reason: crate::error::chain(&e),
                     });
                 }
             }

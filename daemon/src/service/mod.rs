@@ -26,10 +26,11 @@ use tracing::{error, info, warn};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface, message::Header};
 
-use crate::Inventory;
 use crate::engine::executor::{Announcement, Listener};
 use crate::engine::{Caller, Engine, MAX_ADDRESSES};
+pub use crate::error::chain as error_chain;
 use crate::error::{Error, seconds};
+use crate::observe::inventory::Inventory;
 use authz::Authorizer;
 
 /// What the service needs from the engine. [`Engine`] is the real one; tests of the D-Bus layer
@@ -229,22 +230,6 @@ type Reply<T> = Result<T, proto_dbus::Error>;
 /// The one place where an engine error becomes a D-Bus error name.
 fn to_dbus(e: &Error) -> proto_dbus::Error {
     proto_dbus::Error::from_kind_name(e.kind().dbus_name(), error_chain(e))
-}
-
-/// "what failed: why: root cause" on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        // Some messages already include their cause; do not say it twice.
-        let cause_text = cause.to_string();
-        if !line.ends_with(&cause_text) {
-            line.push_str(": ");
-            line.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 /// Parses caller-supplied addresses: each must parse, none may repeat, at least one and at most

@@ -16,8 +16,7 @@ use passthroughd_proto::{AssignOptions, PciAddress, PciFunction, ReleaseOptions}
 use crate::engine::plan::{
     Claim, ClaimRecord, LockKey, OnCrash, Operation, Plan, Step, Target, VfSetRecord,
 };
-use crate::engine::planner::desired::claiming_entry;
-use crate::engine::planner::{View, identity_of, target_of};
+use crate::engine::planner::{View, claiming_entry, identity_of, target_of};
 use crate::error::Error;
 use crate::kernel::driver::VFIO_PCI;
 use crate::observe::guard;

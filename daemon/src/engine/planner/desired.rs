@@ -190,35 +190,6 @@ pub fn not_in_effect(config: &Config) -> Vec<String> {
     notes
 }
 
-/// The label of the config entry that claims `f`, if one does.
-pub fn claiming_entry(
-    config: &Config,
-    inventory: &crate::observe::inventory::Inventory,
-    f: &PciFunction,
-) -> Option<String> {
-    for d in &config.devices {
-        let claims = match &d.selector {
-            Selector::Address { address, .. } => {
-                *address == f.address
-                    || (d.group
-                        && f.iommu_group.is_some()
-                        && inventory.function(*address).and_then(|a| a.iommu_group)
-                            == f.iommu_group)
-            }
-            Selector::Match(rule) => rule.matches(f),
-        };
-        if claims {
-            return Some(d.label());
-        }
-    }
-    let vf = f.vf_of?;
-    config
-        .sriov
-        .iter()
-        .find(|s| s.pf == vf.pf && vf.index < u32::from(s.count) && s.assign.contains(vf.index))
-        .map(|s| s.label())
-}
-
 fn plan_sriov_entries(view: &View<'_>, out: &mut Outcome) {
     for entry in &view.config.sriov {
         let label = entry.label();
@@ -599,7 +570,7 @@ fn without_held_claims(view: &View<'_>, steps: Vec<Step>) -> Vec<Step> {
 fn reason(e: &Error) -> String {
     match e {
         Error::Refused { reason, .. } => reason.clone(),
-        other => crate::service::error_chain(other),
+        other => crate::error::chain(other),
     }
 }
 

@@ -11,7 +11,7 @@ pub mod assign;
 pub mod desired;
 pub mod vfs;
 
-use passthroughd_proto::config::Config;
+use passthroughd_proto::config::{Config, Selector};
 use passthroughd_proto::{DeviceIdentity, PciAddress, PciFunction};
 
 use crate::engine::plan::Target;
@@ -65,4 +65,29 @@ pub fn list(addresses: &[PciAddress]) -> String {
         .map(PciAddress::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The label of the config entry that claims `f`, if one does.
+pub fn claiming_entry(config: &Config, inventory: &Inventory, f: &PciFunction) -> Option<String> {
+    for d in &config.devices {
+        let claims = match &d.selector {
+            Selector::Address { address, .. } => {
+                *address == f.address
+                    || (d.group
+                        && f.iommu_group.is_some()
+                        && inventory.function(*address).and_then(|a| a.iommu_group)
+                            == f.iommu_group)
+            }
+            Selector::Match(rule) => rule.matches(f),
+        };
+        if claims {
+            return Some(d.label());
+        }
+    }
+    let vf = f.vf_of?;
+    config
+        .sriov
+        .iter()
+        .find(|s| s.pf == vf.pf && vf.index < u32::from(s.count) && s.assign.contains(vf.index))
+        .map(|s| s.label())
 }
