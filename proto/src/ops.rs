@@ -90,6 +90,10 @@ pub struct Status {
     /// The declarative config in force, and the error of its last (re)load.
     #[serde(default)]
     pub config: Option<ConfigState>,
+    /// What the last apply (at start, on hotplug or by `apply`) did not do, and why: config
+    /// entries refused (an identity mismatch says what was expected and what is there).
+    #[serde(default)]
+    pub refused: Vec<Refusal>,
     /// Operations in flight; one waiting for the kernel says for what.
     #[serde(default)]
     pub pending: Vec<String>,

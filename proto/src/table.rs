@@ -204,6 +204,17 @@ pub fn status(s: &Status) -> String {
                 .map_or_else(String::new, |why| format!("; refused: {why}"))
         );
     }
+    for r in &s.refused {
+        let _ = writeln!(
+            out,
+            "not applied: {}{}: {}",
+            r.entry,
+            r.function
+                .as_deref()
+                .map_or_else(String::new, |f| format!(" {f}")),
+            r.reason
+        );
+    }
     for p in &s.pending {
         let _ = writeln!(out, "in flight: {p}");
     }

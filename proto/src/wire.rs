@@ -396,6 +396,11 @@ mod tests {
             }],
             vf_sets: Vec::new(),
             config: None,
+            refused: vec![Refusal {
+                entry: "[[device]] 0000:02:00.0 (line 4)".into(),
+                function: Some("0000:02:00.0".into()),
+                reason: "the address holds 15b3:1017".into(),
+            }],
             pending: vec!["assign (IOMMU group 4): pending".into()],
             unfinished: Vec::new(),
             last_errors: vec!["x".into()],

@@ -214,6 +214,7 @@ impl Backend for ScriptedEngine {
             assignments: Vec::new(),
             vf_sets: Vec::new(),
             config: None,
+            refused: Vec::new(),
             pending: Vec::new(),
             unfinished: Vec::new(),
             last_errors: Vec::new(),

@@ -90,6 +90,17 @@ struct Done {
     recorded: bool,
 }
 
+/// What becomes of a plan's journal when [`Executor::execute`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JournalEnd {
+    /// The plan is over, done or undone.
+    Remove,
+    /// Its undo failed: undone before its locks are used again, or at the next start.
+    KeepToUndo,
+    /// Left exactly as it is, as a daemon killed here would (test failpoints only).
+    Abandon,
+}
+
 #[derive(Debug, Default)]
 struct Delivery {
     result: Option<Result<Vec<Change>, Error>>,
@@ -113,6 +124,8 @@ pub struct Executor {
     listener: Mutex<Option<Listener>>,
     /// Set once the daemon stops: no new plan starts.
     stopping: AtomicBool,
+    /// Test failpoint: the daemon "dies" before running step N of its next plan.
+    die_before_step: Option<usize>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -135,6 +148,8 @@ pub struct ExecutorSetup {
     pub write_timeout: Duration,
     pub vf_wait: Duration,
     pub group_wait: Duration,
+    /// Test failpoint (see [`crate::engine::EngineOptions::die_before_step`]).
+    pub die_before_step: Option<usize>,
 }
 
 impl Executor {
@@ -155,7 +170,22 @@ impl Executor {
             unfinished: Mutex::new(Vec::new()),
             listener: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            die_before_step: setup.die_before_step,
         })
+    }
+
+    /// Whether the failpoint says the daemon dies now, before step `index` of a fresh plan.
+    /// Once dead, it takes no more plans (a test then opens the state again, as a restart).
+    fn dies_before(&self, index: usize, mode: Mode) -> bool {
+        if mode != Mode::Fresh || self.die_before_step != Some(index) {
+            return false;
+        }
+        self.stopping.store(true, Ordering::Release);
+        true
+    }
+
+    fn failpoint_armed(&self) -> bool {
+        self.die_before_step.is_some()
     }
 
     /// Where plans that finish after their caller was answered are announced.
@@ -196,7 +226,22 @@ impl Executor {
             move || {
                 let mut guard = guard;
                 let drivers = this.drivers.with_progress(progress);
-                let result = this.execute(&plan, &drivers, &mut guard, Mode::Fresh, journal);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    this.execute(&plan, &drivers, &mut guard, Mode::Fresh, journal.as_ref())
+                }));
+                let (result, end) = run.unwrap_or_else(|_| {
+                    // A bug, not a kernel answer: the plan may be half done. Keep its journal
+                    // and undo it before its devices are used again.
+                    (
+                        Err(Error::Failed(format!(
+                            "internal error while running a {}; it is undone before its \
+                             devices are used again",
+                            plan.operation
+                        ))),
+                        JournalEnd::KeepToUndo,
+                    )
+                });
+                this.end_journal(&plan, journal, end);
                 log_outcome(&caller, &plan, &result);
                 let (slot, ready) = &*delivery;
                 let mut slot = lock(slot);
@@ -314,20 +359,24 @@ impl Executor {
         }
     }
 
-    /// Runs the steps; on a failure undoes what was done and says how that went. Ends the
-    /// journal (or keeps the plan as unfinished).
+    /// Runs the steps; on a failure undoes what was done and says how that went. Returns the
+    /// outcome and what becomes of the journal: removed, or kept because the plan is not over
+    /// (its undo failed; or, under a test failpoint, the daemon "died").
     fn execute(
         &self,
         plan: &Plan,
         drivers: &Drivers,
         guard: &mut LockGuard,
         mode: Mode,
-        journal: Option<JournalEntry>,
-    ) -> Result<Vec<Change>, Error> {
+        journal: Option<&JournalEntry>,
+    ) -> (Result<Vec<Change>, Error>, JournalEnd) {
         let mut done: Vec<Done> = Vec::new();
         let mut failure: Option<(Error, Option<usize>)> = None;
         let mut i = 0;
         while i < plan.steps.len() {
+            if self.dies_before(i, mode) {
+                return (Err(simulated_crash()), JournalEnd::Abandon);
+            }
             if plan.steps[i].is_record() {
                 let end = record_run_end(plan, i);
                 if let Err(e) = self.record(plan, i..end, &mut done) {
@@ -338,7 +387,7 @@ impl Executor {
                 continue;
             }
             let end = self.run_end(plan, i);
-            if end - i > 1 {
+            if end - i > 1 && !self.failpoint_armed() {
                 if let Err(e) = self.bind_side_by_side(plan, i..end, drivers, &mut done) {
                     failure = Some((e, None));
                     break;
@@ -360,10 +409,15 @@ impl Executor {
             i += 1;
         }
         let Some((cause, failed_at)) = failure else {
-            self.end_journal(plan, journal, false);
-            return Ok(done.into_iter().filter_map(|d| d.change).collect());
+            if self.dies_before(plan.steps.len(), mode) {
+                return (Err(simulated_crash()), JournalEnd::Abandon);
+            }
+            return (
+                Ok(done.into_iter().filter_map(|d| d.change).collect()),
+                JournalEnd::Remove,
+            );
         };
-        if let Some(j) = &journal
+        if let Some(j) = journal
             && let Err(e) = j.mark_undoing(plan)
         {
             warn!(error = %e, "cannot mark the journal as undoing");
@@ -373,24 +427,30 @@ impl Executor {
             Mode::Fresh => self.undo(plan, &done, failed_at, drivers, cause),
             Mode::Recover => self.undo(plan, &all_steps(plan), None, drivers, cause),
         };
-        let undone = !matches!(result, Error::RollbackFailed { .. });
-        self.end_journal(plan, journal, !undone);
-        Err(result)
+        let end = match result {
+            Error::RollbackFailed { .. } => JournalEnd::KeepToUndo,
+            _ => JournalEnd::Remove,
+        };
+        (Err(result), end)
     }
 
-    /// Removes the journal of a plan that is over; keeps the plan as unfinished when it is not
-    /// (`undo`) or when the journal cannot be removed.
-    fn end_journal(&self, plan: &Plan, journal: Option<JournalEntry>, undo: bool) {
+    /// Ends a plan's journal as [`Self::execute`] said: removed, or kept as unfinished (to undo,
+    /// or only to remove when removing failed).
+    fn end_journal(&self, plan: &Plan, journal: Option<JournalEntry>, end: JournalEnd) {
         let Some(journal) = journal else {
             return;
         };
-        if undo {
-            lock(&self.unfinished).push(Unfinished {
-                plan: plan.clone(),
-                journal,
-                undo: true,
-            });
-            return;
+        match end {
+            JournalEnd::Abandon => return,
+            JournalEnd::KeepToUndo => {
+                lock(&self.unfinished).push(Unfinished {
+                    plan: plan.clone(),
+                    journal,
+                    undo: true,
+                });
+                return;
+            }
+            JournalEnd::Remove => {}
         }
         if let Err(e) = journal.finish() {
             warn!(journal = %journal.name(), error = %e,
@@ -488,7 +548,9 @@ impl Executor {
         let subject = subject(plan);
         let op = plan.operation;
         if plan.on_crash == OnCrash::Finish && !undoing {
-            return match self.execute(plan, &drivers, guard, Mode::Recover, Some(journal)) {
+            let (result, end) = self.execute(plan, &drivers, guard, Mode::Recover, Some(&journal));
+            self.end_journal(plan, Some(journal), end);
+            return match result {
                 Ok(_) => Ok(format!("{subject}: interrupted {op} finished")),
                 Err(e @ Error::RollbackFailed { .. }) => Err(Error::Failed(format!(
                     "{subject}: interrupted {op} could neither be finished nor undone: {e}"
@@ -504,7 +566,12 @@ impl Executor {
             Error::Failed("interrupted".into()),
         );
         let failed = matches!(undone, Error::RollbackFailed { .. });
-        self.end_journal(plan, Some(journal), failed);
+        let end = if failed {
+            JournalEnd::KeepToUndo
+        } else {
+            JournalEnd::Remove
+        };
+        self.end_journal(plan, Some(journal), end);
         if failed {
             return Err(Error::Failed(format!(
                 "{subject}: rolling back an interrupted {op} failed: {undone}"
@@ -990,6 +1057,10 @@ pub fn inventory_of(
         }
     }
     Ok(Inventory::scan_groups(root, ids, &groups, &loose)?)
+}
+
+fn simulated_crash() -> Error {
+    Error::Failed("the daemon died here (test failpoint)".into())
 }
 
 /// Every step of `plan`, as if done: what an undo after a crash goes through.

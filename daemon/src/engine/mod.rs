@@ -126,6 +126,11 @@ pub struct EngineOptions {
     pub group_wait: Duration,
     /// How long `vf create` waits for new VFs to appear.
     pub vf_wait: Duration,
+    /// Test failpoint: the first plan executed "dies" before its step N (after N steps),
+    /// leaving the kernel, state.toml and the journal exactly as a killed daemon would. The
+    /// engine then takes no more plans; opening the state again is the restart. `None` (the
+    /// default, and what the daemon uses) never dies.
+    pub die_before_step: Option<usize>,
 }
 
 /// How long a caller waits for one sysfs write before it is told the write is pending.
@@ -157,6 +162,7 @@ impl EngineOptions {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             group_wait: DEFAULT_GROUP_WAIT,
             vf_wait: DEFAULT_VF_WAIT,
+            die_before_step: None,
         }
     }
 }
@@ -190,6 +196,8 @@ pub struct Engine {
     config: Mutex<ConfigSlot>,
     started: Instant,
     errors: Mutex<VecDeque<String>>,
+    /// What the last apply did not do (for `status`).
+    last_refused: Mutex<Vec<Refusal>>,
     /// Readers' copy of the last scan (see [`Engine::snapshot`]): the generation it was taken
     /// at, when, and the scan.
     cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
@@ -241,6 +249,7 @@ impl Engine {
             write_timeout: options.write_timeout,
             vf_wait: options.vf_wait,
             group_wait: options.group_wait,
+            die_before_step: options.die_before_step,
         });
         let slot = match &config.config {
             Some(path) => ConfigSlot::open(path, &config.state_dir),
@@ -259,6 +268,7 @@ impl Engine {
             config: Mutex::new(slot),
             started: Instant::now(),
             errors: Mutex::new(VecDeque::new()),
+            last_refused: Mutex::new(Vec::new()),
             cached: Mutex::new(None),
             scanning: Mutex::new(()),
             generation,
@@ -425,6 +435,7 @@ impl Engine {
             assignments: self.assignments(),
             vf_sets,
             config: Some(lock(&self.config).state()),
+            refused: lock(&self.last_refused).clone(),
             pending: self.executor.pending(),
             unfinished: self.executor.unfinished(),
             last_errors: lock(&self.errors).iter().cloned().collect(),
@@ -985,6 +996,12 @@ impl Engine {
             for r in report.refused.iter().chain(report.failed.iter()) {
                 self.note_error(&format!("apply: {}: {}", r.entry, r.reason));
             }
+            *lock(&self.last_refused) = report
+                .refused
+                .iter()
+                .chain(report.failed.iter())
+                .cloned()
+                .collect();
         }
         Ok(report)
     }

@@ -107,8 +107,17 @@ impl Host {
             state_dir: self.state_dir(),
             kernel: self.sim.clone(),
             ids: Arc::new(PciIds::empty()),
-            config: None,
+            config: Some(self.config_path()),
         }
+    }
+
+    /// Where the declarative config of this host lives (absent until written).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).unwrap();
     }
 
     pub fn open(&self) -> (Engine, StartupReport) {
