@@ -67,7 +67,11 @@ fn the_config_is_applied_at_start_and_a_second_apply_has_nothing_to_do() {
     let host = sriov_host();
     host.write_config(CONFIG);
     let (m, report) = host.open();
-    assert!(report.apply.refused.is_empty(), "{:?}", report.apply.refused);
+    assert!(
+        report.apply.refused.is_empty(),
+        "{:?}",
+        report.apply.refused
+    );
     assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"));
     let drivers: Vec<_> = (0..3)
         .map(|i| host.driver(&vf(&host, i)).unwrap_or_default())
@@ -96,7 +100,11 @@ fn the_config_is_applied_at_start_and_a_second_apply_has_nothing_to_do() {
     assert!(nothing_to_do(&dry), "{dry:?}");
     let again = m.apply(&caller(), false).unwrap();
     assert!(nothing_to_do(&again), "{again:?}");
-    assert_eq!(host.sim.writes().len(), writes, "idempotent: nothing written");
+    assert_eq!(
+        host.sim.writes().len(),
+        writes,
+        "idempotent: nothing written"
+    );
     // A restart changes nothing either.
     drop(m);
     let (_m, report) = host.open();
@@ -117,14 +125,21 @@ fn drift_is_shown_by_dry_run_and_status_and_undone_only_by_apply() {
         .into_iter()
         .find(|x| x.address == a(NIC))
         .unwrap();
-    assert!(nic.state.as_deref().unwrap().starts_with("drift: on igb"), "{nic:?}");
+    assert!(
+        nic.state.as_deref().unwrap().starts_with("drift: on igb"),
+        "{nic:?}"
+    );
     let writes = host.sim.writes().len();
     let dry = m.apply(&caller(), true).unwrap();
     assert_eq!(dry.changes.len(), 1, "{dry:?}");
     assert_eq!(dry.changes[0].function, NIC);
     assert_eq!(dry.changes[0].from.as_deref(), Some("igb"));
     assert_eq!(dry.changes[0].to.as_deref(), Some("vfio-pci"));
-    assert!(dry.changes[0].entry.contains("[[device]] 0000:01:00.0 (line 3)"));
+    assert!(
+        dry.changes[0]
+            .entry
+            .contains("[[device]] 0000:01:00.0 (line 3)")
+    );
     assert_eq!(host.sim.writes().len(), writes, "a dry run writes nothing");
     let done = m.apply(&caller(), false).unwrap();
     assert_eq!(done.changes.len(), 1);
@@ -176,7 +191,10 @@ fn a_broken_reload_keeps_the_last_good_config_and_says_where() {
     host.write_config("version = 1\n\n[[device]]\naddres = \"0000:01:00.0\"\n");
     let state = m.reload();
     let error = state.error.unwrap();
-    assert!(error.starts_with(&format!("{}:4:", host.config_path().display())), "{error}");
+    assert!(
+        error.starts_with(&format!("{}:4:", host.config_path().display())),
+        "{error}"
+    );
     assert!(!error.contains('\n'));
     assert_eq!(state.entries, 2, "the last good config stays in force");
     let dry = m.apply(&caller(), true).unwrap();
@@ -184,8 +202,16 @@ fn a_broken_reload_keeps_the_last_good_config_and_says_where() {
     assert!(dry.config.error.is_some());
     let status = m.status();
     assert!(status.config.unwrap().error.is_some());
-    assert!(status.last_errors.iter().any(|e| e.contains(":4:")), "{:?}", status.last_errors);
-    assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"), "nothing released");
+    assert!(
+        status.last_errors.iter().any(|e| e.contains(":4:")),
+        "{:?}",
+        status.last_errors
+    );
+    assert_eq!(
+        host.driver(NIC).as_deref(),
+        Some("vfio-pci"),
+        "nothing released"
+    );
     // A restart with the broken file keeps the last good one too (a copy in the state dir).
     drop(m);
     let (m, report) = host.open();
@@ -218,7 +244,11 @@ fn a_removed_entry_is_released_to_its_host_driver_and_vf_sets_are_removed() {
             .trim(),
         "0"
     );
-    assert!(!host.state_text().contains("config"), "{}", host.state_text());
+    assert!(
+        !host.state_text().contains("config"),
+        "{}",
+        host.state_text()
+    );
     assert!(m.assignments().is_empty());
     assert!(nothing_to_do(&m.apply(&caller(), true).unwrap()));
 }
@@ -232,7 +262,10 @@ fn release_refuses_what_the_config_claims_and_a_request_keeps_it_after_the_entry
         .release(&caller(), &[a(NIC)], ReleaseOptions::default())
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Refused);
-    assert!(err.to_string().contains("[[device]] 0000:01:00.0 (line 3)"), "{err}");
+    assert!(
+        err.to_string().contains("[[device]] 0000:01:00.0 (line 3)"),
+        "{err}"
+    );
     assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"));
     // A request on the same function: it stays until both let go.
     m.assign(&caller(), &[a(NIC)], AssignOptions::default())
@@ -240,7 +273,11 @@ fn release_refuses_what_the_config_claims_and_a_request_keeps_it_after_the_entry
     host.write_config("version = 1\n");
     m.reload();
     m.apply(&caller(), false).unwrap();
-    assert_eq!(host.driver(NIC).as_deref(), Some("vfio-pci"), "the request holds it");
+    assert_eq!(
+        host.driver(NIC).as_deref(),
+        Some("vfio-pci"),
+        "the request holds it"
+    );
     assert_eq!(m.assignments()[0].sources, ["request"]);
     m.release(&caller(), &[a(NIC)], ReleaseOptions::default())
         .unwrap();
@@ -266,10 +303,20 @@ fn identity_guards_protect_and_guards_refuse_with_reasons_and_the_rest_is_applie
         .map(|r| format!("{} | {}", r.entry, r.reason))
         .collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
-    assert!(reasons[0].contains("8086:10c9") && reasons[0].contains("15b3:1017"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("8086:10c9") && reasons[0].contains("15b3:1017"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].contains("default route"), "{reasons:?}");
-    assert!(reasons[2].contains(&format!("{PAIR1} (bound to e1000e)")), "{reasons:?}");
-    assert_eq!(host.driver(NIC2).as_deref(), Some("vfio-pci"), "the rest is applied");
+    assert!(
+        reasons[2].contains(&format!("{PAIR1} (bound to e1000e)")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        host.driver(NIC2).as_deref(),
+        Some("vfio-pci"),
+        "the rest is applied"
+    );
     assert_eq!(host.driver(NIC).as_deref(), Some("igb"));
     assert_eq!(host.driver(ROUTED).as_deref(), Some("e1000e"));
     let status = m.status();
@@ -292,15 +339,29 @@ fn a_match_rule_claims_exactly_the_functions_it_matches() {
     host.sim
         .write(&host.root().pci_device_attr(a(PF), "sriov_numvfs"), b"2")
         .unwrap();
-    host.write_config("version = 1\n\n[[device]]\nmatch = { vendor = \"0x8086\", device = \"0x10ca\" }\n");
+    host.write_config(
+        "version = 1\n\n[[device]]\nmatch = { vendor = \"0x8086\", device = \"0x10ca\" }\n",
+    );
     let (m, report) = host.open();
-    assert!(report.apply.refused.is_empty(), "{:?}", report.apply.refused);
+    assert!(
+        report.apply.refused.is_empty(),
+        "{:?}",
+        report.apply.refused
+    );
     assert_eq!(report.apply.changes.len(), 2, "{:?}", report.apply.changes);
     for i in 0..2 {
         assert_eq!(host.driver(&vf(&host, i)).as_deref(), Some("vfio-pci"));
     }
-    assert_eq!(host.driver(NIC).as_deref(), Some("igb"), "the PF (10c9) is not matched");
+    assert_eq!(
+        host.driver(NIC).as_deref(),
+        Some("igb"),
+        "the PF (10c9) is not matched"
+    );
     assert_eq!(host.driver(PF).as_deref(), Some("igb"));
-    let sources: Vec<_> = m.assignments().iter().map(|x| x.vf.unwrap().index).collect();
+    let sources: Vec<_> = m
+        .assignments()
+        .iter()
+        .map(|x| x.vf.unwrap().index)
+        .collect();
     assert_eq!(sources, [0, 1]);
 }

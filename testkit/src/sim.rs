@@ -130,6 +130,8 @@ struct SimState {
     probe_nothing: HashSet<PciAddress>,
     /// Devices whose lock-taking attributes block readers during a delayed write.
     device_locks: HashSet<PciAddress>,
+    /// The write that fails (counted from 1 by [`SimKernel::fail_nth_write`]) and how.
+    fail_nth: Option<(usize, Errno)>,
     writes: Vec<SimWrite>,
     modules: Vec<String>,
     sriov: HashMap<PciAddress, SimSriov>,
@@ -228,6 +230,12 @@ impl SimKernel {
     }
 
     /// Writes of kind `op` for `address` take `delay` (an unbind held up by an open VFIO fd).
+    /// The `n`-th write from now on (1: the next one) fails with `errno`, whatever it writes:
+    /// for failing every step of an operation in turn.
+    pub fn fail_nth_write(&self, n: usize, errno: Errno) {
+        self.state().fail_nth = Some((n, errno));
+    }
+
     /// Writes are no longer delayed (every [`Self::delay`] is forgotten).
     pub fn clear_delays(&self) {
         self.state().delays.clear();
@@ -947,6 +955,13 @@ impl Kernel for SimKernel {
                 path: rel.display().to_string(),
                 value: String::from_utf8_lossy(value).into_owned(),
             });
+            if let Some((n, e)) = state.fail_nth {
+                if n <= 1 {
+                    state.fail_nth = None;
+                    return Err(errno(e));
+                }
+                state.fail_nth = Some((n - 1, e));
+            }
             if let Some((op, address)) = target
                 && let Some(i) = state
                     .faults

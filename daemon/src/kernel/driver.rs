@@ -401,6 +401,7 @@ impl Drivers {
     /// left driverless, it goes back on vfio-pci: never driverless by accident.
     pub fn release(&self, address: PciAddress, previous: Option<&str>) -> Result<Change, Error> {
         let old = self.current_driver(address)?;
+        let had_override = self.override_of(address)?;
         match self.restore(address, previous) {
             Ok(now) => Ok(Change {
                 address,
@@ -409,8 +410,20 @@ impl Drivers {
             }),
             Err(e) => {
                 let e = self.vanished_or(address, e);
-                if !self.exists(address) || self.current_driver(address)?.is_some() {
+                if !self.exists(address) {
                     return Err(e);
+                }
+                match self.current_driver(address)? {
+                    // Never unbound: put the override back, so it is exactly as it was (a later
+                    // probe or rescan keeps it on vfio-pci).
+                    Some(d) if d == VFIO_PCI => {
+                        if let Some(o) = had_override {
+                            let _ = self.set_override(address, &o);
+                        }
+                        return Err(e);
+                    }
+                    Some(_) => return Err(e),
+                    None => {}
                 }
                 let rebound = self
                     .set_override(address, VFIO_PCI)
@@ -431,12 +444,19 @@ impl Drivers {
     /// Used before a VF disappears. Returns the driver it had.
     pub fn detach(&self, address: PciAddress) -> Result<Option<String>, Error> {
         let old = self.current_driver(address)?;
-        if old.is_none() && self.override_of(address)?.is_none() {
+        let had_override = self.override_of(address)?;
+        if old.is_none() && had_override.is_none() {
             return Ok(None);
         }
         self.set_override(address, "\n")?;
-        if old.is_some() {
-            self.unbind(address)?;
+        if old.is_some()
+            && let Err(e) = self.unbind(address)
+        {
+            // Still bound: exactly as it was, override included.
+            if let Some(o) = had_override {
+                let _ = self.set_override(address, &o);
+            }
+            return Err(e);
         }
         Ok(old)
     }

@@ -126,7 +126,7 @@ impl TryFrom<HexIdentity> for StoredIdentity {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StateFile {
     version: i64,
-    #[serde(default, rename = "assignment")]
+    #[serde(default, rename = "assignment", skip_serializing_if = "Vec::is_empty")]
     assignments: Vec<StoredAssignment>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     vfs: Vec<StoredVfs>,
