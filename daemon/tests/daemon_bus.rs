@@ -17,7 +17,7 @@ const NIC: &str = "0000:01:00.0";
 
 struct Daemon {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     root: PathBuf,
     runtime: tokio::runtime::Runtime,
     connection: zbus::Connection,
@@ -38,7 +38,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_passthroughd"))
             .args(["--sysfs-root", root.to_str().unwrap()])
             .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
-            .args(["--config", dir.path().join("absent.toml").to_str().unwrap()])
+            .args(["--config", dir.path().join("config.toml").to_str().unwrap()])
             .args(["--bus", &bus.address, "--write-timeout", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -53,7 +53,7 @@ impl Daemon {
             .unwrap();
         let daemon = Self {
             child,
-            _dir: dir,
+            dir,
             root,
             runtime,
             connection,
@@ -215,4 +215,41 @@ fn a_huge_request_is_refused_and_status_stays_small() {
     let size = serde_json::to_string(&status).unwrap().len();
     assert!(size < 10_000, "status is {size} bytes");
     assert!(d.owns_name());
+}
+
+#[test]
+fn sighup_reloads_the_config_and_a_broken_file_keeps_the_last_good_one() {
+    let bus = TestBus::start();
+    let d = Daemon::start(&bus);
+    let config = |d: &Daemon| -> passthroughd_proto::ConfigState {
+        let status = d.runtime.block_on(d.proxy().status()).unwrap();
+        let status: passthroughd_proto::Status =
+            passthroughd_proto::wire::from_dict("status", status).unwrap();
+        status.config.unwrap()
+    };
+    assert!(!config(&d).present);
+    let path = d.dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!("version = 1\n[[device]]\naddress = \"{NIC}\"\n"),
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        d.wait(Duration::from_secs(5), |d| config(d).entries == 1),
+        "SIGHUP did not reload"
+    );
+    std::fs::write(
+        &path,
+        "version = 1\n[[device]]\naddress = \"01:00.0\"\nforce = 1\n",
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        d.wait(Duration::from_secs(5), |d| config(d).error.is_some()),
+        "the broken file was not noticed"
+    );
+    let state = config(&d);
+    assert!(state.error.unwrap().contains("config.toml:4:9:"));
+    assert_eq!(state.entries, 1, "the last good config stays");
 }

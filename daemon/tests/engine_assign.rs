@@ -243,7 +243,8 @@ fn pfs_with_vfs_are_refused_before_any_write() {
 fn assigns_on_different_groups_run_in_parallel() {
     let host = Host::new();
     let (m, _) = host.open();
-    let delay = Duration::from_millis(400);
+    // Long enough that scheduling noise on a loaded 2-core machine stays far below it.
+    let delay = Duration::from_millis(700);
     host.sim.delay(SimOp::Probe, a(NIC), delay);
     host.sim.delay(SimOp::Probe, a(NIC2), delay);
     let start = Instant::now();
@@ -267,7 +268,8 @@ fn assigns_on_different_groups_run_in_parallel() {
 fn one_request_binds_its_groups_side_by_side() {
     let host = Host::new();
     let (m, _) = host.open();
-    let delay = Duration::from_millis(400);
+    // Long enough that scheduling noise on a loaded 2-core machine stays far below it.
+    let delay = Duration::from_millis(700);
     host.sim.delay(SimOp::Probe, a(NIC), delay);
     host.sim.delay(SimOp::Probe, a(NIC2), delay);
     let start = Instant::now();

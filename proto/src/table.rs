@@ -1,8 +1,8 @@
-//! Human-readable tables of functions and groups.
+//! Human-readable tables: functions, groups, changes, VFs, status, apply reports.
 
 use std::fmt::Write;
 
-use crate::{ApplyReport, Change, ConfigState, IommuGroup, PciFunction, Status};
+use crate::{ApplyReport, Change, ConfigState, IommuGroup, PciFunction, Refusal, Status};
 
 /// One row per function: address, ids, class, driver, group, role, names.
 pub fn functions(functions: &[PciFunction]) -> String {
@@ -205,15 +205,7 @@ pub fn status(s: &Status) -> String {
         );
     }
     for r in &s.refused {
-        let _ = writeln!(
-            out,
-            "not applied: {}{}: {}",
-            r.entry,
-            r.function
-                .as_deref()
-                .map_or_else(String::new, |f| format!(" {f}")),
-            r.reason
-        );
+        let _ = writeln!(out, "not applied: {}: {}", refusal_subject(r), r.reason);
     }
     for p in &s.pending {
         let _ = writeln!(out, "in flight: {p}");
@@ -228,6 +220,14 @@ pub fn status(s: &Status) -> String {
         }
     }
     out
+}
+
+/// "ENTRY", or "ENTRY FUNCTION" when the entry's label does not name the function already.
+fn refusal_subject(r: &Refusal) -> String {
+    match r.function.as_deref() {
+        Some(f) if !r.entry.contains(f) => format!("{} {f}", r.entry),
+        _ => r.entry.clone(),
+    }
 }
 
 /// The config in force: where, how many entries, and the error of the last (re)load.
@@ -286,15 +286,7 @@ pub fn apply(r: &ApplyReport) -> String {
         );
     }
     for x in &r.refused {
-        let _ = writeln!(
-            out,
-            "refused: {}{}: {}",
-            x.entry,
-            x.function
-                .as_deref()
-                .map_or_else(String::new, |f| format!(" {f}")),
-            x.reason
-        );
+        let _ = writeln!(out, "refused: {}: {}", refusal_subject(x), x.reason);
     }
     for x in &r.failed {
         let _ = writeln!(out, "failed: {}: {}", x.entry, x.reason);
