@@ -51,7 +51,13 @@ exit_is list 0 "$CTL" --json vf list "$pf"
 expect_eq list-indexes "$(jq -r '[.[].index] | join(",")' "$PT_OUT/last.out")" "0,1,2,3"
 expect_eq list-assigned "$(jq -r '[.[] | select(.assigned)] | length' "$PT_OUT/last.out")" 4
 
-# Resize to 7, none in use: goes through 0.
+# A resize that would take the assigned VFs off vfio-pci is refused, naming them (issue 9, item 11).
+exit_is resize-without-assign-refused 5 "$CTL" vf create "$pf" --count 7
+check resize-refusal-names-assigned-vfs grep -q "VF 0 (" "$PT_OUT/last.err"
+check resize-refusal-says-force grep -q -- "--force" "$PT_OUT/last.err"
+expect_eq resize-refused-changes-nothing "$(cat "$SYS/$pf/sriov_numvfs") $(drivers_of 4)" "4 4 vfio-pci"
+
+# Resize to 7 with --assign, none in use: goes through 0, every VF ends on vfio-pci.
 exit_is resize-7 0 "$CTL" vf create "$pf" --count 7 --assign
 expect_eq resize-7-numvfs "$(cat "$SYS/$pf/sriov_numvfs")" 7
 expect_eq resize-7-all-on-vfio "$(drivers_of 7)" "7 vfio-pci"
@@ -90,8 +96,11 @@ exit_is restart-list 0 "$CTL" --json vf list "$pf"
 expect_eq restart-list-indexes "$(jq -r '[.[] | select(.assigned) | .index] | join(",")' "$PT_OUT/last.out")" "0,1,2,3,4,5,6"
 expect_eq restart-autoprobe "$(cat "$SYS/$pf/sriov_drivers_autoprobe")" 1
 
-# Destroy returns to 0 and forgets the VFs.
-exit_is destroy 0 "$CTL" vf destroy "$pf"
+# Destroy: assigned VFs only with --force; then back to 0 and the VFs are forgotten.
+exit_is destroy-assigned-refused 5 "$CTL" vf destroy "$pf"
+check destroy-refusal-says-assigned grep -q "assigned" "$PT_OUT/last.err"
+expect_eq destroy-refused-changes-nothing "$(cat "$SYS/$pf/sriov_numvfs")" 7
+exit_is destroy 0 "$CTL" vf destroy "$pf" --force
 expect_eq destroy-numvfs "$(cat "$SYS/$pf/sriov_numvfs")" 0
 check destroy-forgets sh -c "! grep -q '^\[\[vfs\]\]' '$STATE_DIR/state.toml'"
 expect_eq destroy-pf-still-on-igb "$(driver_of "$pf")" igb
