@@ -107,8 +107,10 @@ fn init_logging() {
             Err(e) => eprintln!("passthroughd: journald unavailable, logging to stderr: {e}"),
         }
     }
+    // Colours only on a terminal: a pipe or a file gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
