@@ -112,6 +112,28 @@ pub enum Error {
     /// undone before its groups are used again, or at the next start.
     #[error("{cause}; putting it back also failed: {undo}")]
     RollbackFailed { cause: Box<Error>, undo: Box<Error> },
+    /// An operation could not be undone earlier and still cannot; nothing new may use its
+    /// devices until it is.
+    #[error(
+        "an earlier {operation} on {on} could not be undone and still cannot: {cause}; see \
+         passthroughctl status"
+    )]
+    Unfinished {
+        operation: String,
+        on: String,
+        cause: Box<Error>,
+    },
+    /// A plan journaled by a daemon that died could neither be finished nor undone.
+    #[error("{subject}: the interrupted {operation} could neither be finished nor undone: {cause}")]
+    Recovery {
+        subject: String,
+        operation: String,
+        cause: Box<Error>,
+    },
+    #[error("starting a thread for the operation")]
+    Thread(#[source] std::io::Error),
+    #[error("encoding the reply")]
+    Encode(#[source] passthroughd_proto::wire::WireError),
     /// A fact about the host that makes the operation impossible.
     #[error("{0}")]
     Failed(String),
@@ -133,6 +155,10 @@ impl Error {
             | Self::Vanished { .. }
             | Self::Store(_)
             | Self::RollbackFailed { .. }
+            | Self::Unfinished { .. }
+            | Self::Recovery { .. }
+            | Self::Thread(_)
+            | Self::Encode(_)
             | Self::Failed(_) => ErrorKind::Failed,
         }
     }

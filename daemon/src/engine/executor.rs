@@ -262,7 +262,7 @@ impl Executor {
             .spawn(worker)
         {
             self.leave(id);
-            return Err(Error::Failed(format!("starting a plan worker: {e}")));
+            return Err(Error::Thread(e));
         }
         self.wait_for(&delivery, &progress)
     }
@@ -502,12 +502,11 @@ impl Executor {
                     }
                 }
                 Err(e) => {
-                    first_error.get_or_insert(Error::Failed(format!(
-                        "an earlier {} on {} could not be undone and still cannot: {e}; \
-                         see passthroughctl status",
-                        u.plan.operation,
-                        describe_keys(&u.plan.locks)
-                    )));
+                    first_error.get_or_insert(Error::Unfinished {
+                        operation: u.plan.operation.to_string(),
+                        on: describe_keys(&u.plan.locks),
+                        cause: Box::new(e),
+                    });
                     lock(&self.unfinished).push(u);
                 }
             }
@@ -552,9 +551,11 @@ impl Executor {
             self.end_journal(plan, Some(journal), end);
             return match result {
                 Ok(_) => Ok(format!("{subject}: interrupted {op} finished")),
-                Err(e @ Error::RollbackFailed { .. }) => Err(Error::Failed(format!(
-                    "{subject}: interrupted {op} could neither be finished nor undone: {e}"
-                ))),
+                Err(e @ Error::RollbackFailed { .. }) => Err(Error::Recovery {
+                    subject,
+                    operation: op.to_string(),
+                    cause: Box::new(e),
+                }),
                 Err(e) => Ok(format!("{subject}: interrupted {op} undone: {e}")),
             };
         }
@@ -573,9 +574,11 @@ impl Executor {
         };
         self.end_journal(plan, Some(journal), end);
         if failed {
-            return Err(Error::Failed(format!(
-                "{subject}: rolling back an interrupted {op} failed: {undone}"
-            )));
+            return Err(Error::Recovery {
+                subject,
+                operation: op.to_string(),
+                cause: Box::new(undone),
+            });
         }
         let to = plan
             .steps

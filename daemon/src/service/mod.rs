@@ -269,11 +269,11 @@ fn parse_address(text: &str) -> Result<PciAddress, Error> {
 
 /// A model value as its dictionary.
 fn dict<T: Serialize>(value: &T) -> Reply<Dict> {
-    to_dict(value).map_err(|e| to_dbus(&Error::Failed(format!("encoding the reply: {e}"))))
+    to_dict(value).map_err(|e| to_dbus(&Error::Encode(e)))
 }
 
 fn dicts<T: Serialize>(values: &[T]) -> Reply<Vec<Dict>> {
-    to_dicts(values).map_err(|e| to_dbus(&Error::Failed(format!("encoding the reply: {e}"))))
+    to_dicts(values).map_err(|e| to_dbus(&Error::Encode(e)))
 }
 
 impl ManagerObject {
