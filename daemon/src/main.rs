@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use passthroughd::engine::EngineOptions;
 use passthroughd::kernel::SysfsKernel;
-use passthroughd::kernel::uevents;
+use passthroughd::kernel::events::{self, Source};
 use passthroughd::observe::host;
 use passthroughd::service::{self, ServiceConfig, error_chain};
 use passthroughd::{Engine, EngineConfig, Inventory, PciIds, SysfsRoot};
@@ -41,7 +41,12 @@ struct Flags {
     )]
     config: PathBuf,
     /// Where state.toml, the journal and the last good copy of the config live.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/passthroughd")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/passthroughd",
+        global = true
+    )]
     state_dir: PathBuf,
     /// How long a caller waits for one sysfs write (an unbind waits for as long as a VM holds
     /// the device) before it is told the operation is pending; the operation goes on.
@@ -62,6 +67,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// For the udev rule (systemd/70-passthroughd.rules), as a function appears: if what the
+    /// daemon last applied claims it, set its driver_override to vfio-pci before its host
+    /// driver's module loads, so the host driver never binds it. Reads the state dir only (the
+    /// last good config and state.toml); prints one line when it claims the function.
+    Claim {
+        /// The function, DDDD:BB:DD.F (udev's $kernel).
+        #[arg(value_name = "ADDR")]
+        address: String,
+    },
     /// Check whether this host can pass devices through to VMs (CPU, KVM, IOMMU, VFIO, kernel
     /// config, topology, memory, SR-IOV) and print the report. Read MSRs needs root and `msr`.
     Host {
@@ -73,6 +87,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    let root = SysfsRoot::new(&flags.sysfs_root);
+    // Run by udev for every new PCI function: no logging set-up, no pci.ids, nothing it does
+    // not need.
+    if let Some(Command::Claim { ref address }) = flags.command {
+        return claim(&root, &flags.state_dir, address);
+    }
     init_logging();
     let ids = match &flags.pci_ids {
         Some(path) => match PciIds::load(path) {
@@ -84,10 +104,10 @@ fn main() -> ExitCode {
         },
         None => PciIds::load_system(),
     };
-    let root = SysfsRoot::new(&flags.sysfs_root);
     match flags.command {
         Some(Command::Inventory { json }) => inventory(&root, &ids, json),
         Some(Command::Host { json }) => host_report(&root, &ids, json),
+        Some(Command::Claim { ref address }) => claim(&root, &flags.state_dir, address),
         None => run(&flags, root, ids),
     }
 }
@@ -113,6 +133,45 @@ fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `passthroughd claim ADDR`: the early claim of a function as it appears.
+fn claim(root: &SysfsRoot, state_dir: &std::path::Path, address: &str) -> ExitCode {
+    use passthroughd::kernel::Kernel;
+    let address: passthroughd_proto::PciAddress = match address.parse() {
+        Ok(address) => address,
+        Err(e) => {
+            eprintln!("passthroughd claim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match passthroughd::engine::early::claimed(root, state_dir, address) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(why)) => {
+            let attr = root.pci_device_attr(address, "driver_override");
+            let unset = passthroughd::kernel::sysfs::read_attr(&attr)
+                .ok()
+                .flatten()
+                .is_none_or(|o| o.is_empty() || o == "(null)");
+            if !unset {
+                return ExitCode::SUCCESS;
+            }
+            match SysfsKernel.write(&attr, b"vfio-pci") {
+                Ok(()) => {
+                    println!("{address}: claimed by {why}: driver_override=vfio-pci");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("passthroughd claim: {address}: writing driver_override: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("passthroughd claim: {address}: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The host capability report, read directly (as root it can read the MSRs), printed once.
@@ -206,16 +265,31 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
     for refusal in report.apply.refused.iter().chain(&report.apply.failed) {
         warn!(entry = %refusal.entry, reason = %refusal.reason, "not applied");
     }
+    // Device events describe the live /sys only: a captured or simulated tree gets none, and
+    // then every read rescans.
+    let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut event_rx = Some(event_rx);
     if live_kernel {
-        let listener = Arc::downgrade(&engine);
-        match uevents::spawn_listener(move || {
-            if let Some(engine) = listener.upgrade() {
-                engine.invalidate_inventory();
-            }
+        let source = if events::udevd_running(std::path::Path::new("/")) {
+            Source::Udev
+        } else {
+            Source::Kernel
+        };
+        match events::spawn_monitor(source, move |event| {
+            // Only fails once the daemon stops listening.
+            let _ = event_tx.send(event);
         }) {
-            Ok(()) => engine.enable_inventory_cache(),
-            Err(e) => warn!("no kernel uevents ({e}): every read rescans sysfs"),
+            Ok(()) => {
+                info!(%source, "following device events");
+                engine.enable_inventory_cache();
+            }
+            Err(e) => {
+                warn!("no device events ({e}): no hotplug, and every read rescans sysfs");
+                event_rx = None;
+            }
         }
+    } else {
+        event_rx = None;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -238,6 +312,13 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
             }
         };
         info!(bus = %flags.bus, "serving org.passthroughd.Passthrough1");
+        if let Some(events) = event_rx.take() {
+            tokio::spawn(service::events::hotplug_loop(
+                Arc::clone(&engine),
+                events,
+                connection.clone(),
+            ));
+        }
         let code = match serve_until_stopped(&connection, &engine).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {

@@ -94,6 +94,9 @@ pub struct Status {
     /// entries refused (an identity mismatch says what was expected and what is there).
     #[serde(default)]
     pub refused: Vec<Refusal>,
+    /// What device events (hotplug) led to lately: claimed, not claimed and why, removed.
+    #[serde(default)]
+    pub hotplug: Vec<String>,
     /// Operations in flight; one waiting for the kernel says for what.
     #[serde(default)]
     pub pending: Vec<String>,

@@ -207,6 +207,9 @@ pub fn status(s: &Status) -> String {
     for r in &s.refused {
         let _ = writeln!(out, "not applied: {}: {}", refusal_subject(r), r.reason);
     }
+    for h in &s.hotplug {
+        let _ = writeln!(out, "hotplug: {h}");
+    }
     for p in &s.pending {
         let _ = writeln!(out, "in flight: {p}");
     }

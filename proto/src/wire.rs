@@ -401,6 +401,7 @@ mod tests {
                 function: Some("0000:02:00.0".into()),
                 reason: "the address holds 15b3:1017".into(),
             }],
+            hotplug: vec!["0000:01:10.0 appeared: claimed".into()],
             pending: vec!["assign (IOMMU group 4): pending".into()],
             unfinished: Vec::new(),
             last_errors: vec!["x".into()],

@@ -19,8 +19,10 @@ log() { echo "setup.sh: $*" >&2; }
 # Scenario tools: dbus (a real system bus in the guest), strace (kills the daemon at an exact
 # sysfs write), e2fsprogs (a mounted disk for the guard), dpdk + driverctl (benchmark baselines),
 # cpu-checker + libvirt-clients (kvm-ok and virt-host-validate, compared with our host report).
+# libudev-dev + pkg-config: the daemon's udev crate builds against libudev (from backports, with
+# the same version as the backports libudev1 that udev pulls in).
 PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv
-      dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients)
+      dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients libudev-dev pkg-config)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.

@@ -215,6 +215,7 @@ impl Backend for ScriptedEngine {
             vf_sets: Vec::new(),
             config: None,
             refused: Vec::new(),
+            hotplug: Vec::new(),
             pending: Vec::new(),
             unfinished: Vec::new(),
             last_errors: Vec::new(),

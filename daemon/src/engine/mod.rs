@@ -11,6 +11,7 @@
 //! operations on the same group are serialized, and readers (`inventory`, `status`,
 //! `host_report`) never wait for a write.
 
+pub mod early;
 pub mod executor;
 pub mod locks;
 pub mod plan;
@@ -198,6 +199,8 @@ pub struct Engine {
     errors: Mutex<VecDeque<String>>,
     /// What the last apply did not do (for `status`).
     last_refused: Mutex<Vec<Refusal>>,
+    /// What device events led to lately (for `status`).
+    hotplug: Mutex<VecDeque<String>>,
     /// Readers' copy of the last scan (see [`Engine::snapshot`]): the generation it was taken
     /// at, when, and the scan.
     cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
@@ -269,6 +272,7 @@ impl Engine {
             started: Instant::now(),
             errors: Mutex::new(VecDeque::new()),
             last_refused: Mutex::new(Vec::new()),
+            hotplug: Mutex::new(VecDeque::new()),
             cached: Mutex::new(None),
             scanning: Mutex::new(()),
             generation,
@@ -436,6 +440,7 @@ impl Engine {
             vf_sets,
             config: Some(lock(&self.config).state()),
             refused: lock(&self.last_refused).clone(),
+            hotplug: lock(&self.hotplug).iter().cloned().collect(),
             pending: self.executor.pending(),
             unfinished: self.executor.unfinished(),
             last_errors: lock(&self.errors).iter().cloned().collect(),
@@ -717,7 +722,71 @@ impl Engine {
     /// the report lists what was refused or failed.
     pub fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error> {
         caller.check_deadline("apply")?;
-        self.apply_desired(caller, dry_run, false)
+        self.apply_desired(caller, dry_run, Trigger::Apply)
+    }
+
+    /// What a burst of device events changes: functions that appeared and that the desired
+    /// state claims (a config entry by address or match, a VF index of an `[[sriov]]` PF, a
+    /// stored request whose device it is) go to vfio-pci through the same planners and executor
+    /// as everything else; a configured PF that appeared gets its VFs. Nothing else is touched.
+    /// Claimed functions that went away stay claimed, shown as absent, and are claimed again
+    /// when they come back.
+    pub fn device_events(
+        &self,
+        caller: &Caller,
+        added: &BTreeSet<PciAddress>,
+        removed: &BTreeSet<PciAddress>,
+    ) -> Result<HotplugReport, Error> {
+        self.invalidate_inventory();
+        let mut report = HotplugReport::default();
+        let registry = lock(&self.registry).clone();
+        for address in removed {
+            let claimed = registry.functions().any(|(target, _)| match *target {
+                Target::Function(a) => a == *address,
+                // A VF that went away no longer has a virtfn link: its PF says nothing now.
+                Target::Vf { .. } => false,
+            }) || registry.vf_set(*address).is_some();
+            if claimed {
+                report.removed.push(*address);
+                self.note_hotplug(format!("{address} removed: still claimed, shown as absent"));
+            }
+        }
+        let present: HashSet<PciAddress> = added
+            .iter()
+            .copied()
+            .filter(|a| self.drivers.exists(*a))
+            .collect();
+        if present.is_empty() {
+            return Ok(report);
+        }
+        let applied = self.apply_desired(caller, false, Trigger::Hotplug(&present))?;
+        for change in &applied.changes {
+            self.note_hotplug(format!(
+                "{} appeared: claimed by {} ({} -> {})",
+                change.function,
+                change.entry,
+                change.from.as_deref().unwrap_or("no driver"),
+                change.to.as_deref().unwrap_or("no driver")
+            ));
+        }
+        for r in applied.refused.iter().chain(&applied.failed) {
+            self.note_hotplug(format!(
+                "{} appeared: not claimed: {}",
+                r.function.as_deref().unwrap_or(&r.entry),
+                r.reason
+            ));
+        }
+        report.apply = applied;
+        Ok(report)
+    }
+
+    fn note_hotplug(&self, line: String) {
+        info!(%line, "hotplug");
+        let mut recent = lock(&self.hotplug);
+        if recent.len() == ERROR_RING {
+            recent.pop_front();
+        }
+        recent.push_back(line);
     }
 
     // --- plumbing ---
@@ -836,7 +905,7 @@ impl Engine {
     fn start_apply(&self, report: &mut StartupReport) -> Result<(), Error> {
         let caller = startup_caller();
         self.adopt_vf_claims(&caller)?;
-        report.apply = self.apply_desired(&caller, false, true)?;
+        report.apply = self.apply_desired(&caller, false, Trigger::Boot)?;
         let registry = lock(&self.registry).clone();
         for (target, held) in registry.functions() {
             if !held.claims.contains(&Claim::Request) {
@@ -932,14 +1001,20 @@ impl Engine {
     }
 
     /// Plans the desired state in its two phases, executes what is not refused (unless
-    /// `dry_run`), and reports. At start (`boot`), requests let go by `release --runtime` come
-    /// back too, and refusals of stored requests are noted in the registry for `status`.
+    /// `dry_run`), and reports. At start, requests let go by `release --runtime` come back
+    /// too; on hotplug only the functions the events name are touched. Refusals of stored
+    /// requests are noted in the registry for `status`.
     fn apply_desired(
         &self,
         caller: &Caller,
         dry_run: bool,
-        boot: bool,
+        trigger: Trigger<'_>,
     ) -> Result<ApplyReport, Error> {
+        let boot = matches!(trigger, Trigger::Boot);
+        let only = match trigger {
+            Trigger::Hotplug(only) => Some(only),
+            Trigger::Boot | Trigger::Apply => None,
+        };
         let config_state = lock(&self.config).state();
         let config = lock(&self.config).good();
         let mut report = ApplyReport {
@@ -971,6 +1046,7 @@ impl Engine {
             let scope = desired::Scope {
                 config: config.is_some(),
                 skip_suspended: !boot,
+                only,
             };
             let outcome = desired::plan(&view, phase, scope);
             {
@@ -1064,6 +1140,24 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Why the desired state is applied.
+#[derive(Debug, Clone, Copy)]
+enum Trigger<'a> {
+    Boot,
+    Apply,
+    /// Device events named these functions (present now).
+    Hotplug(&'a HashSet<PciAddress>),
+}
+
+/// What a burst of device events did.
+#[derive(Debug, Clone, Default)]
+pub struct HotplugReport {
+    /// Claimed functions (or PFs with VFs) that went away: still claimed, shown as absent.
+    pub removed: Vec<PciAddress>,
+    /// What the desired state did about the functions that appeared.
+    pub apply: ApplyReport,
 }
 
 /// What a request plans with, read under its locks.

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 pub mod driver;
+pub mod events;
 pub mod sriov;
 pub mod sysfs;
-pub mod uevents;
 
 /// Modules the daemon may load. A caller never chooses what gets modprobed: the engine asks
 /// for one of these constants, and anything else is refused here as well.

@@ -9,6 +9,7 @@
 //! types' dictionaries ([`passthroughd_proto::wire`]).
 
 pub mod authz;
+pub mod events;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -397,32 +398,59 @@ async fn announce_in_order(
     mut announcements: mpsc::UnboundedReceiver<Announcement>,
 ) {
     while let Some(announcement) = announcements.recv().await {
-        let emitter = match SignalEmitter::new(&conn, PATH) {
-            Ok(emitter) => emitter,
-            Err(e) => {
-                warn!(%e, "cannot emit signals");
-                continue;
-            }
-        };
-        for change in &announcement.changes {
-            let address = change.address.to_string();
-            let old = change.old_driver.as_deref().unwrap_or("");
-            let new = change.new_driver.as_deref().unwrap_or("");
-            if old != new
-                && let Err(e) = ManagerObject::driver_changed(&emitter, &address, old, new).await
-            {
-                warn!(%address, %e, "cannot emit DriverChanged");
-            }
-            let assigned = crate::kernel::driver::VFIO_PCI == new;
-            if let Err(e) = ManagerObject::assignment_changed(&emitter, &address, assigned).await {
-                warn!(%address, %e, "cannot emit AssignmentChanged");
-            }
+        match SignalEmitter::new(&conn, PATH) {
+            Ok(emitter) => emit(&emitter, &announcement).await,
+            Err(e) => warn!(%e, "cannot emit signals"),
         }
-        for (pf, count) in &announcement.vfs {
-            if let Err(e) = ManagerObject::vfs_changed(&emitter, &pf.to_string(), *count).await {
-                warn!(%pf, %e, "cannot emit VfsChanged");
-            }
+    }
+}
+
+/// `DriverChanged` and `AssignmentChanged` per function, `VfsChanged` per PF.
+async fn emit(emitter: &SignalEmitter<'_>, announcement: &Announcement) {
+    for change in &announcement.changes {
+        let address = change.address.to_string();
+        let old = change.old_driver.as_deref().unwrap_or("");
+        let new = change.new_driver.as_deref().unwrap_or("");
+        if old != new
+            && let Err(e) = ManagerObject::driver_changed(emitter, &address, old, new).await
+        {
+            warn!(%address, %e, "cannot emit DriverChanged");
         }
+        let assigned = crate::kernel::driver::VFIO_PCI == new;
+        if let Err(e) = ManagerObject::assignment_changed(emitter, &address, assigned).await {
+            warn!(%address, %e, "cannot emit AssignmentChanged");
+        }
+    }
+    for (pf, count) in &announcement.vfs {
+        if let Err(e) = ManagerObject::vfs_changed(emitter, &pf.to_string(), *count).await {
+            warn!(%pf, %e, "cannot emit VfsChanged");
+        }
+    }
+}
+
+/// The signals of what an apply (or a hotplug pass) changed: drivers and VF counts.
+pub async fn announce_changes(connection: &Connection, report: &ApplyReport) {
+    let Ok(emitter) = SignalEmitter::new(connection, PATH) else {
+        return;
+    };
+    emit(&emitter, &apply_announcement(report)).await;
+}
+
+/// An apply report as signals: its changes of functions that exist by address, its VF counts.
+fn apply_announcement(report: &ApplyReport) -> Announcement {
+    Announcement {
+        changes: report
+            .changes
+            .iter()
+            .filter_map(|c| {
+                Some(Change {
+                    address: c.function.parse().ok()?,
+                    old_driver: c.from.clone(),
+                    new_driver: c.to.clone(),
+                })
+            })
+            .collect(),
+        vfs: report.vfs.iter().map(|v| (v.pf, v.to)).collect(),
     }
 }
 
@@ -634,20 +662,7 @@ impl ManagerObject {
                 "apply",
                 BUSY_DEVICE,
                 move |engine| engine.apply(&caller, false),
-                |report: &ApplyReport| Announcement {
-                    changes: report
-                        .changes
-                        .iter()
-                        .filter_map(|c| {
-                            Some(Change {
-                                address: c.function.parse().ok()?,
-                                old_driver: c.from.clone(),
-                                new_driver: c.to.clone(),
-                            })
-                        })
-                        .collect(),
-                    vfs: report.vfs.iter().map(|v| (v.pf, v.to)).collect(),
-                },
+                apply_announcement,
             )
             .await?
         };
@@ -679,6 +694,16 @@ impl ManagerObject {
         address: &str,
         old: &str,
         new: &str,
+    ) -> zbus::Result<()>;
+
+    /// A device event led somewhere: `action` is `claimed` (`detail`: the entry or request),
+    /// `refused` (`detail`: why), or `removed` (a claimed function went away; it stays claimed).
+    #[zbus(signal)]
+    async fn hotplug(
+        emitter: &SignalEmitter<'_>,
+        address: &str,
+        action: &str,
+        detail: &str,
     ) -> zbus::Result<()>;
 
     /// A function was assigned (`true`) or released (`false`).

@@ -118,32 +118,46 @@ impl Outcome {
 
 /// What to plan besides the config entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Scope {
+pub struct Scope<'a> {
     /// The config is known: apply its entries and release what it let go. False while no good
     /// version of it was ever read: then nothing it claimed may be released by mistake.
     pub config: bool,
     /// Skip stored requests let go by `release --runtime` (they come back at the next start).
     pub skip_suspended: bool,
+    /// Only these functions (a hotplug event names them): nothing else is touched, nothing is
+    /// released, and a PF's VF count is set only when the PF itself appeared.
+    pub only: Option<&'a HashSet<PciAddress>>,
+}
+
+impl Scope<'_> {
+    fn names(&self, address: PciAddress) -> bool {
+        self.only.is_none_or(|only| only.contains(&address))
+    }
 }
 
 /// Plans `phase` of the desired state: the config (see [`Scope`]) and the stored requests.
 /// `view` must hold the whole host (match rules look at every function).
-pub fn plan(view: &View<'_>, phase: Phase, scope: Scope) -> Outcome {
+pub fn plan(view: &View<'_>, phase: Phase, scope: Scope<'_>) -> Outcome {
     let mut out = Outcome::default();
+    let everything = scope.only.is_none();
     match phase {
         Phase::Vfs => {
             if scope.config {
-                plan_sriov_entries(view, &mut out);
-                plan_forgotten_vf_sets(view, &mut out);
+                plan_sriov_entries(view, scope, &mut out);
+                if everything {
+                    plan_forgotten_vf_sets(view, &mut out);
+                }
             }
-            plan_stored_vf_sets(view, &mut out);
+            plan_stored_vf_sets(view, scope, &mut out);
         }
         Phase::Functions => {
             if scope.config {
-                let wanted = plan_device_entries(view, &mut out);
-                plan_config_releases(view, &wanted, &mut out);
+                let wanted = plan_device_entries(view, scope, &mut out);
+                if everything {
+                    plan_config_releases(view, &wanted, &mut out);
+                }
             }
-            plan_stored_requests(view, scope.skip_suspended, &mut out);
+            plan_stored_requests(view, scope, &mut out);
         }
     }
     out
@@ -190,10 +204,17 @@ pub fn not_in_effect(config: &Config) -> Vec<String> {
     notes
 }
 
-fn plan_sriov_entries(view: &View<'_>, out: &mut Outcome) {
+fn plan_sriov_entries(view: &View<'_>, scope: Scope<'_>, out: &mut Outcome) {
     for entry in &view.config.sriov {
         let label = entry.label();
         let pf = entry.pf;
+        if !scope.names(pf) {
+            // Only some of its VFs appeared (someone else made them): those of them the entry
+            // assigns go to vfio-pci, if the count is the entry's; the count is never changed
+            // for VFs (that would remove the VFs just made).
+            plan_sriov_vfs_appeared(view, scope, entry, out);
+            continue;
+        }
         let Some(f) = view.inventory.function(pf) else {
             out.refuse(&label, Some(pf.to_string()), "no such PCI function now");
             continue;
@@ -262,6 +283,63 @@ fn plan_sriov_entries(view: &View<'_>, out: &mut Outcome) {
     }
 }
 
+/// The VFs of a configured PF named by a hotplug event, when the PF itself was not.
+fn plan_sriov_vfs_appeared(
+    view: &View<'_>,
+    scope: Scope<'_>,
+    entry: &passthroughd_proto::config::SriovEntry,
+    out: &mut Outcome,
+) {
+    let appeared: BTreeSet<u32> = view
+        .inventory
+        .vfs_of(entry.pf)
+        .into_iter()
+        .filter(|vf| scope.names(vf.address))
+        .filter_map(|vf| vf.vf_of.map(|v| v.index))
+        .collect();
+    if appeared.is_empty() {
+        return;
+    }
+    let label = entry.label();
+    let count = u32::from(entry.count);
+    let now = view
+        .inventory
+        .function(entry.pf)
+        .and_then(|f| f.sriov)
+        .map_or(0, |s| s.num_vfs);
+    if now != count {
+        out.refuse(
+            &label,
+            Some(entry.pf.to_string()),
+            format!(
+                "{} has {now} VFs, made outside the daemon; the entry wants {count}: \
+                 passthroughctl apply sets the count",
+                entry.pf
+            ),
+        );
+        return;
+    }
+    let assign: BTreeSet<u32> = appeared
+        .into_iter()
+        .filter(|i| entry.assign.contains(*i))
+        .collect();
+    if assign.is_empty() {
+        return;
+    }
+    let request = VfCreate {
+        pf: entry.pf,
+        count,
+        assign,
+        claim: Claim::Config,
+        force: false,
+        release_others: false,
+    };
+    match vfs::create(view, &request) {
+        Ok(plan) => out.unit(label, plan),
+        Err(e) => out.refuse(&label, Some(entry.pf.to_string()), reason(&e)),
+    }
+}
+
 /// VF sets the config made whose `[[sriov]]` entry is gone: their VFs are removed.
 fn plan_forgotten_vf_sets(view: &View<'_>, out: &mut Outcome) {
     let configured: HashSet<PciAddress> = view.config.sriov.iter().map(|s| s.pf).collect();
@@ -318,10 +396,10 @@ fn plan_forgotten_vf_sets(view: &View<'_>, out: &mut Outcome) {
 }
 
 /// VF sets stored from `vf create` without `--runtime`: recreated when missing.
-fn plan_stored_vf_sets(view: &View<'_>, out: &mut Outcome) {
+fn plan_stored_vf_sets(view: &View<'_>, scope: Scope<'_>, out: &mut Outcome) {
     let configured: HashSet<PciAddress> = view.config.sriov.iter().map(|s| s.pf).collect();
     for (pf, set) in view.registry.vf_sets() {
-        if set.record.claim != Claim::Request || configured.contains(pf) {
+        if set.record.claim != Claim::Request || configured.contains(pf) || !scope.names(*pf) {
             continue;
         }
         let label = format!("stored vf create {pf}");
@@ -362,13 +440,21 @@ fn plan_stored_vf_sets(view: &View<'_>, out: &mut Outcome) {
 
 /// `[[device]]` entries: each selected function (or group) to vfio-pci under a config claim.
 /// Returns every target an entry selects, whether or not it could be carried out now.
-fn plan_device_entries(view: &View<'_>, out: &mut Outcome) -> HashSet<Target> {
+fn plan_device_entries(view: &View<'_>, scope: Scope<'_>, out: &mut Outcome) -> HashSet<Target> {
     let mut wanted = HashSet::new();
     // A function two entries select is bound by the first.
     let mut taken: HashSet<PciAddress> = HashSet::new();
     for entry in &view.config.devices {
         let label = entry.label();
         let selected: Vec<&PciFunction> = match &entry.selector {
+            // An event names another function of the host: this entry is not its business,
+            // unless the entry takes a whole group the named function belongs to.
+            Selector::Address { address, .. }
+                if !(scope.names(*address)
+                    || entry.group && group_named(view, scope, *address)) =>
+            {
+                continue;
+            }
             Selector::Address { address, identity } => {
                 let Some(f) = view.inventory.function(*address) else {
                     out.refuse(
@@ -397,7 +483,7 @@ fn plan_device_entries(view: &View<'_>, out: &mut Outcome) -> HashSet<Target> {
                 .inventory
                 .functions
                 .iter()
-                .filter(|f| rule.matches(f) && !f.is_bridge())
+                .filter(|f| rule.matches(f) && !f.is_bridge() && scope.names(f.address))
                 .collect(),
         };
         // One unit per IOMMU group: a refused group never holds back another.
@@ -487,9 +573,12 @@ fn plan_config_releases(view: &View<'_>, wanted: &HashSet<Target>, out: &mut Out
 /// Stored requests (`assign` without `--runtime`): each claimed function not on vfio-pci goes
 /// back there, if it is still the device that was claimed and the hard rules allow it (the soft
 /// ones were the admin's call when the request was made).
-fn plan_stored_requests(view: &View<'_>, skip_suspended: bool, out: &mut Outcome) {
+fn plan_stored_requests(view: &View<'_>, scope: Scope<'_>, out: &mut Outcome) {
     for (target, held) in view.registry.functions() {
-        if !held.claims.contains(&Claim::Request) || (skip_suspended && held.suspended) {
+        if !held.claims.contains(&Claim::Request) || (scope.skip_suspended && held.suspended) {
+            continue;
+        }
+        if scope.only.is_some() && !find(view, target).is_some_and(|f| scope.names(f.address)) {
             continue;
         }
         let label = format!("stored request {target}");
@@ -541,6 +630,16 @@ fn plan_stored_requests(view: &View<'_>, skip_suspended: bool, out: &mut Outcome
             }
         }
     }
+}
+
+/// Whether a function of `address`'s IOMMU group is named by the scope.
+fn group_named(view: &View<'_>, scope: Scope<'_>, address: PciAddress) -> bool {
+    let Some(group) = view.inventory.function(address).and_then(|f| f.iommu_group) else {
+        return false;
+    };
+    view.inventory
+        .group(group)
+        .is_some_and(|g| g.members.iter().any(|m| scope.names(*m)))
 }
 
 /// The function a target names now, if the view has it.
