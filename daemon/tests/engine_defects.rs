@@ -27,7 +27,9 @@ const PF: &str = "0000:05:00.0";
 
 fn quick(host: &Host) -> EngineOptions {
     let mut o = EngineOptions::for_root(&host.root());
-    o.write_timeout = Duration::from_millis(150);
+    // Long enough that an ordinary write on a loaded 2-core machine never reaches it; the
+    // delayed writes below last several times longer.
+    o.write_timeout = Duration::from_millis(400);
     o.group_wait = Duration::from_millis(100);
     o.vf_wait = Duration::from_millis(500);
     o
@@ -122,7 +124,7 @@ fn an_assign_whose_unbind_outlives_the_limit_is_finished_and_recorded() {
     let host = Host::new();
     let (m, _) = host.open_with(quick(&host));
     host.sim
-        .delay(SimOp::Unbind, a(NIC), Duration::from_millis(800));
+        .delay(SimOp::Unbind, a(NIC), Duration::from_millis(1500));
     let err = m
         .assign(&caller(), &[a(NIC)], AssignOptions::default())
         .unwrap_err();
@@ -148,14 +150,17 @@ fn readers_never_wait_behind_a_device_the_kernel_holds_locked() {
     // the kernel's device lock makes it.
     host.sim.lock_device_during_writes(a(NIC));
     host.sim
-        .delay(SimOp::Unbind, a(NIC), Duration::from_millis(1500));
+        .delay(SimOp::Unbind, a(NIC), Duration::from_millis(2500));
     let m = Arc::new(m);
     let release = {
         let m = Arc::clone(&m);
         std::thread::spawn(move || m.release(&caller(), &[a(NIC)], ReleaseOptions::default()))
     };
-    eventually("the release's unbind started", || {
-        !m.status().pending.is_empty()
+    eventually("the release's unbind is stuck in the kernel", || {
+        m.status()
+            .pending
+            .iter()
+            .any(|p| p.contains("has not returned from writing 0000:01:00.0 to"))
     });
     let started = Instant::now();
     let readers: Vec<_> = (0..16)
@@ -268,7 +273,7 @@ fn a_stalled_destroy_is_finished_before_anything_else_touches_the_pf_and_is_neve
     m.vf_create(&caller(), a(PF), 2, vf_opts(false, false, false))
         .unwrap();
     host.sim
-        .delay(SimOp::NumVfs, a(PF), Duration::from_millis(700));
+        .delay(SimOp::NumVfs, a(PF), Duration::from_millis(1500));
     let err = m.vf_destroy(&caller(), a(PF), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
     // A retry while the first is still in the kernel: Busy, nothing new journaled.
