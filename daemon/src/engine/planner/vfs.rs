@@ -17,6 +17,7 @@ use crate::engine::plan::{
 use crate::engine::planner::assign::lock_key;
 use crate::engine::planner::{View, identity_of};
 use crate::error::Error;
+use crate::observe::inventory::Inventory;
 use passthroughd_proto::device::driver_is_vfio;
 
 /// What `vf create` is asked for.
@@ -36,8 +37,8 @@ pub struct VfCreate {
 }
 
 /// Checks that `pf` names an SR-IOV physical function.
-pub fn check_pf<'i>(view: &View<'i>, pf: PciAddress) -> Result<&'i PciFunction, Error> {
-    let f = view.inventory.function(pf).ok_or(Error::NoSuchDevice(pf))?;
+pub fn check_pf(inventory: &Inventory, pf: PciAddress) -> Result<&PciFunction, Error> {
+    let f = inventory.function(pf).ok_or(Error::NoSuchDevice(pf))?;
     if let Some(of) = f.vf_of {
         return Err(Error::InvalidArgument(format!(
             "{pf} is VF {} of {}, not a PF; name the PF ({})",
@@ -121,7 +122,7 @@ fn unclaims(view: &View<'_>, pf: PciAddress, gone: impl Fn(u32) -> bool) -> Vec<
 /// `vf create PF --count N [--assign]`.
 pub fn create(view: &View<'_>, request: &VfCreate) -> Result<Plan, Error> {
     let pf = request.pf;
-    let f = check_pf(view, pf)?;
+    let f = check_pf(view.inventory, pf)?;
     check_count(f, request.count)?;
     let Some(sriov) = f.sriov else {
         return Err(Error::Failed(format!("{pf} lost its SR-IOV capability")));
@@ -302,7 +303,7 @@ fn strongest(old: Option<&Claim>, new: &Claim) -> Claim {
 
 /// `vf destroy PF [--force]`.
 pub fn destroy(view: &View<'_>, pf: PciAddress, force: bool) -> Result<Plan, Error> {
-    let f = check_pf(view, pf)?;
+    let f = check_pf(view.inventory, pf)?;
     let vfs = view.inventory.vfs_of(pf);
     check_not_in_use(view, pf, &vfs, "destroy", force)?;
     if !force {
