@@ -2,6 +2,9 @@
 //! are printed as tables, or with `--json` as exactly one JSON document on stdout. Failures are
 //! one line on stderr and an exit code from [`passthroughd_proto::dbus::exit`].
 
+mod libvirt;
+mod snippets;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,8 +13,8 @@ use clap::{Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
 use passthroughd_proto::wire::{Dict, WireError, from_dict, from_dicts};
 use passthroughd_proto::{
-    ApplyReport, Change, ConfigState, HostReport, IommuGroup, PciAddress, PciFunction, Status,
-    VfInfo, host, table,
+    ApplyReport, Change, ConfigState, HostReport, IommuGroup, LeaseInfo, LeaseOwner, PciAddress,
+    PciFunction, Status, VfInfo, host, table,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -44,11 +47,21 @@ enum Command {
     List,
     /// IOMMU groups, their members and whether each is viable for VFIO.
     Groups,
-    /// One function in full.
+    /// One function in full, or ready-to-paste VMM arguments for it (with its IOMMU group's
+    /// other endpoints, which a VM must get too).
     Show {
         /// DDDD:BB:DD.F or BB:DD.F
         #[arg(value_name = "ADDR")]
         address: String,
+        /// Print QEMU's `-device vfio-pci,host=ADDR` argument(s).
+        #[arg(long, group = "vmm")]
+        qemu: bool,
+        /// Print libvirt `<hostdev managed='no'>` XML (the hook leases it when the VM starts).
+        #[arg(long, group = "vmm")]
+        libvirt: bool,
+        /// Print cloud-hypervisor's `--device path=/sys/bus/pci/devices/ADDR/` argument.
+        #[arg(long, group = "vmm")]
+        cloud_hypervisor: bool,
     },
     /// Bind functions to vfio-pci (persisted unless --runtime).
     Assign {
@@ -88,6 +101,29 @@ enum Command {
     Vf {
         #[command(subcommand)]
         command: VfCommand,
+    },
+    /// Leases: assignments owned by a libvirt domain, a Kubernetes claim or another VMM.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+    /// The libvirt hook: install as /etc/libvirt/hooks/qemu.d/passthroughd (a script that runs
+    /// `passthroughctl libvirt-hook "$@"`). `prepare begin` leases the domain's
+    /// <hostdev managed='no'> PCI functions (the domain XML is read from stdin); `release end`
+    /// ends the lease; anything else exits 0 at once. A domain without such a device never
+    /// contacts the daemon.
+    LibvirtHook {
+        /// The domain's name.
+        domain: String,
+        /// libvirt's operation (prepare, start, started, stopped, release, ...).
+        operation: String,
+        /// libvirt's sub-operation (begin, end, -).
+        sub_operation: String,
+        /// libvirt's extra argument (unused).
+        extra: Option<String>,
+        /// Longest wait for the daemon; a start given up on is ended again.
+        #[arg(long, value_name = "SECONDS", default_value_t = 45)]
+        timeout: u64,
     },
     /// Daemon version, uptime, assignments and recent errors.
     Status,
@@ -135,6 +171,28 @@ enum VfCommand {
     List {
         #[arg(value_name = "PF")]
         pf: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Every lease: owner, functions, age, and whether it looks stale (its VM is gone).
+    List,
+    /// Take a lease for OWNER on functions, all or nothing (for VMMs other than libvirt; the
+    /// libvirt hook does this itself).
+    Start {
+        /// libvirt:DOMAIN, k8s:CLAIM-UID or vmm:NAME
+        #[arg(value_name = "OWNER")]
+        owner: String,
+        #[arg(value_name = "ADDR", required = true)]
+        addresses: Vec<String>,
+    },
+    /// End OWNER's lease: what it leased goes back to the driver it had before, unless a
+    /// request or the config also claims it.
+    End {
+        /// libvirt:DOMAIN, k8s:CLAIM-UID or vmm:NAME
+        #[arg(value_name = "OWNER")]
+        owner: String,
     },
 }
 
@@ -313,18 +371,50 @@ fn parse_addresses(texts: &[String]) -> Result<Vec<String>, Failure> {
     Ok(seen.iter().map(ToString::to_string).collect())
 }
 
+/// Client-side check of a lease owner.
+fn parse_owner(text: &str) -> Result<String, Failure> {
+    text.parse::<LeaseOwner>()
+        .map(|o| o.to_string())
+        .map_err(|e| Failure::invalid("invalid lease owner", e.to_string()))
+}
+
 async fn run(cli: &Cli) -> Result<String, Failure> {
+    if let Command::LibvirtHook {
+        domain,
+        operation,
+        sub_operation,
+        timeout,
+        ..
+    } = &cli.command
+    {
+        return libvirt::hook(
+            async || connect(&cli.bus).await,
+            domain,
+            libvirt::HookAction::of(operation, sub_operation),
+            std::io::stdin().lock(),
+            Duration::from_secs(*timeout),
+        )
+        .await;
+    }
     // Validate everything we can before touching the bus.
     let addresses = match &cli.command {
-        Command::Show { address } => parse_addresses(std::slice::from_ref(address))?,
-        Command::Assign { addresses, .. } | Command::Release { addresses, .. } => {
-            parse_addresses(addresses)?
-        }
+        Command::Show { address, .. } => parse_addresses(std::slice::from_ref(address))?,
+        Command::Assign { addresses, .. }
+        | Command::Release { addresses, .. }
+        | Command::Lease {
+            command: LeaseCommand::Start { addresses, .. },
+        } => parse_addresses(addresses)?,
         Command::Vf {
             command:
                 VfCommand::Create { pf, .. } | VfCommand::Destroy { pf, .. } | VfCommand::List { pf },
         } => parse_addresses(std::slice::from_ref(pf))?,
         _ => Vec::new(),
+    };
+    let owner = match &cli.command {
+        Command::Lease {
+            command: LeaseCommand::Start { owner, .. } | LeaseCommand::End { owner },
+        } => parse_owner(owner)?,
+        _ => String::new(),
     };
     let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
     let proxy = connect(&cli.bus).await?;
@@ -348,9 +438,31 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             let groups: Vec<IommuGroup> = list("listing IOMMU groups", proxy.list_groups().await)?;
             render(json, groups.as_slice(), table::groups)
         }
-        Command::Show { .. } => {
-            let function: PciFunction = one(&format!("show {first}"), proxy.show(first).await)?;
-            render(json, &function, table::function_detail)
+        Command::Show {
+            qemu,
+            libvirt,
+            cloud_hypervisor,
+            ..
+        } => {
+            let what = format!("show {first}");
+            let function: PciFunction = one(&what, proxy.show(first).await)?;
+            let vmm = match (qemu, libvirt, cloud_hypervisor) {
+                (true, _, _) => snippets::Vmm::Qemu,
+                (_, true, _) => snippets::Vmm::Libvirt,
+                (_, _, true) => snippets::Vmm::CloudHypervisor,
+                _ => return render(json, &function, table::function_detail),
+            };
+            let rows = proxy
+                .list_functions()
+                .await
+                .map_err(|e| Failure::from_dbus(&what, &e))?;
+            let all = rows
+                .into_iter()
+                .map(PciFunction::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| malformed(&what, &e))?;
+            let together = snippets::passed_together(&function, &all);
+            render(json, together.as_slice(), |a| snippets::render(vmm, a))
         }
         Command::Assign {
             runtime,
@@ -433,6 +545,23 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 .with_output(text)),
             }
         }
+        Command::Lease { command } => match command {
+            LeaseCommand::List => {
+                let leases: Vec<LeaseInfo> = list("listing leases", proxy.list_leases().await)?;
+                render(json, leases.as_slice(), table::leases)
+            }
+            LeaseCommand::Start { .. } => {
+                let what = format!("lease start {owner} {}", refs.join(" "));
+                let changes: Vec<Change> = list(&what, proxy.lease_start(&owner, &refs).await)?;
+                render(json, changes.as_slice(), table::changes)
+            }
+            LeaseCommand::End { .. } => {
+                let what = format!("lease end {owner}");
+                let changes: Vec<Change> = list(&what, proxy.lease_end(&owner).await)?;
+                render(json, changes.as_slice(), table::changes)
+            }
+        },
+        Command::LibvirtHook { .. } => Ok(String::new()), // handled above
         Command::Status => {
             let status: Status = one("reading the status", proxy.status().await)?;
             render(json, &status, table::status)

@@ -54,6 +54,9 @@ pub enum Error {
     NoSuchDevice(PciAddress),
     #[error("{0}")]
     InvalidArgument(String),
+    /// `LeaseEnd` of an owner that holds nothing.
+    #[error("{0} holds no lease")]
+    NoLease(passthroughd_proto::LeaseOwner),
     #[error("{address} refused: {reason}")]
     Refused { address: PciAddress, reason: String },
     /// Another request holds the group, or a process holds the device.
@@ -142,7 +145,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NoSuchDevice(_) => ErrorKind::NotFound,
+            Self::NoSuchDevice(_) | Self::NoLease(_) => ErrorKind::NotFound,
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::Refused { .. } => ErrorKind::Refused,
             Self::Busy(_) | Self::Cancelled(_) | Self::Stalled { .. } => ErrorKind::Busy,

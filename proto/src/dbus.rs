@@ -88,6 +88,16 @@ pub trait Manager {
     /// ([`crate::ConfigState`], with the error).
     fn reload(&self) -> Result<Dict, Error>;
 
+    /// Takes a lease for `owner` (`libvirt:DOMAIN`, `k8s:CLAIM-UID`, `vmm:NAME`) on every
+    /// function of `addresses`, all or nothing. Returns the functions whose driver changed.
+    fn lease_start(&self, owner: &str, addresses: &[&str]) -> Result<Vec<Dict>, Error>;
+
+    /// Ends the lease of `owner` (`NotFound` when it holds none). Returns the changes.
+    fn lease_end(&self, owner: &str) -> Result<Vec<Dict>, Error>;
+
+    /// Every lease ([`crate::LeaseInfo`] each).
+    fn list_leases(&self) -> Result<Vec<Dict>, Error>;
+
     /// The VFs of `pf` changed; `count` is how many it has now.
     #[zbus(signal)]
     fn vfs_changed(&self, pf: &str, count: u32) -> zbus::Result<()>;

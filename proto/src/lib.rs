@@ -17,4 +17,6 @@ pub use ops::{
     PlannedVfs, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo, VfSetStatus,
 };
 pub mod host;
+pub mod lease;
 pub use host::{Check, HostReport, Verdict};
+pub use lease::{LeaseInfo, LeaseOwner, OwnerKind};

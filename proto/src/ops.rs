@@ -94,6 +94,9 @@ pub struct Status {
     /// entries refused (an identity mismatch says what was expected and what is there).
     #[serde(default)]
     pub refused: Vec<Refusal>,
+    /// Leases and the functions they hold (a stale one says why).
+    #[serde(default)]
+    pub leases: Vec<crate::LeaseInfo>,
     /// What device events (hotplug) led to lately: claimed, not claimed and why, removed.
     #[serde(default)]
     pub hotplug: Vec<String>,

@@ -2,7 +2,9 @@
 
 use std::fmt::Write;
 
-use crate::{ApplyReport, Change, ConfigState, IommuGroup, PciFunction, Refusal, Status};
+use crate::{
+    ApplyReport, Change, ConfigState, IommuGroup, LeaseInfo, PciFunction, Refusal, Status,
+};
 
 /// One row per function: address, ids, class, driver, group, role, names.
 pub fn functions(functions: &[PciFunction]) -> String {
@@ -207,6 +209,9 @@ pub fn status(s: &Status) -> String {
     for r in &s.refused {
         let _ = writeln!(out, "not applied: {}: {}", refusal_subject(r), r.reason);
     }
+    for l in &s.leases {
+        out.push_str(&lease_line(l));
+    }
     for h in &s.hotplug {
         let _ = writeln!(out, "hotplug: {h}");
     }
@@ -223,6 +228,27 @@ pub fn status(s: &Status) -> String {
         }
     }
     out
+}
+
+/// One line per lease: owner, functions, age, and why it looks stale when it does.
+pub fn leases(leases: &[LeaseInfo]) -> String {
+    if leases.is_empty() {
+        return "no leases\n".to_owned();
+    }
+    leases.iter().map(lease_line).collect()
+}
+
+fn lease_line(l: &LeaseInfo) -> String {
+    let age = if l.age_secs == 0 {
+        String::new()
+    } else {
+        format!(", {} old", uptime(l.age_secs))
+    };
+    let stale = l
+        .stale
+        .as_deref()
+        .map_or_else(String::new, |why| format!("; STALE: {why}"));
+    format!("lease {}: {}{age}{stale}\n", l.owner, l.functions.join(" "))
 }
 
 /// "ENTRY", or "ENTRY FUNCTION" when the entry's label does not name the function already.

@@ -401,6 +401,12 @@ mod tests {
                 function: Some("0000:02:00.0".into()),
                 reason: "the address holds 15b3:1017".into(),
             }],
+            leases: vec![crate::LeaseInfo {
+                owner: "libvirt:vm1".parse().unwrap(),
+                functions: vec!["0000:01:10.0".into()],
+                age_secs: 3,
+                stale: None,
+            }],
             hotplug: vec!["0000:01:10.0 appeared: claimed".into()],
             pending: vec!["assign (IOMMU group 4): pending".into()],
             unfinished: Vec::new(),

@@ -14,8 +14,8 @@ use passthroughd::observe::host;
 use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::{
-    ApplyReport, AssignOptions, Change, ConfigState, HostReport, PciAddress, ReleaseOptions,
-    Status, VfCreateOptions, VfInfo,
+    ApplyReport, AssignOptions, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner, PciAddress,
+    ReleaseOptions, Status, VfCreateOptions, VfInfo,
 };
 use passthroughd_testkit::synthetic::{self, HostShape};
 
@@ -41,6 +41,8 @@ pub enum Call {
     Reload,
     /// pf, force
     VfDestroy(Caller, PciAddress, bool),
+    LeaseStart(Caller, LeaseOwner, Vec<PciAddress>),
+    LeaseEnd(Caller, LeaseOwner),
 }
 
 /// How the scripted engine answers mutations.
@@ -215,6 +217,7 @@ impl Backend for ScriptedEngine {
             vf_sets: Vec::new(),
             config: None,
             refused: Vec::new(),
+            leases: Vec::new(),
             hotplug: Vec::new(),
             pending: Vec::new(),
             unfinished: Vec::new(),
@@ -234,6 +237,46 @@ impl Backend for ScriptedEngine {
     fn reload(&self) -> Result<ConfigState, Error> {
         self.calls.lock().unwrap().push(Call::Reload);
         Ok(ConfigState::default())
+    }
+    fn lease_start(
+        &self,
+        caller: &Caller,
+        owner: &LeaseOwner,
+        addresses: &[PciAddress],
+    ) -> Result<Vec<Change>, Error> {
+        self.calls.lock().unwrap().push(Call::LeaseStart(
+            caller.clone(),
+            owner.clone(),
+            addresses.to_vec(),
+        ));
+        self.answer(addresses, true)
+    }
+    fn lease_end(&self, caller: &Caller, owner: &LeaseOwner) -> Result<Vec<Change>, Error> {
+        let held = self.leases()?.into_iter().find(|l| l.owner == *owner);
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::LeaseEnd(caller.clone(), owner.clone()));
+        let held = held.ok_or_else(|| Error::NoLease(owner.clone()))?;
+        let taken: Vec<PciAddress> = held.functions.iter().map(|f| f.parse().unwrap()).collect();
+        Ok(self.changes(&taken, false))
+    }
+    /// One lease per owner that started one and did not end it.
+    fn leases(&self) -> Result<Vec<LeaseInfo>, Error> {
+        let mut leases: Vec<LeaseInfo> = Vec::new();
+        for call in self.calls() {
+            match call {
+                Call::LeaseStart(_, owner, addresses) => leases.push(LeaseInfo {
+                    owner,
+                    functions: addresses.iter().map(ToString::to_string).collect(),
+                    age_secs: 3,
+                    stale: None,
+                }),
+                Call::LeaseEnd(_, owner) => leases.retain(|l| l.owner != owner),
+                _ => {}
+            }
+        }
+        Ok(leases)
     }
     /// The real report of the tree, as the daemon builds it.
     fn host_report(&self) -> Result<HostReport, Error> {

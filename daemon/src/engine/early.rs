@@ -49,7 +49,10 @@ pub fn claimed(
             return Ok(Some(label));
         }
     }
-    let registry = Registry::from_state(&State::load(state_dir)?);
+    let registry = Registry::from_state(
+        &State::load(state_dir)?,
+        crate::engine::boot_id(root).as_deref(),
+    );
     Ok(request_claims(root, &registry, f))
 }
 

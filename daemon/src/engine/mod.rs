@@ -19,10 +19,11 @@ pub mod planner;
 pub mod registry;
 
 mod apply;
+mod leases;
 mod readers;
 mod requests;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,8 +32,9 @@ use std::time::{Duration, Instant};
 use passthroughd_proto::config::Config;
 use passthroughd_proto::device::driver_is_vfio;
 use passthroughd_proto::{
-    ApplyReport, AssignOptions, Assignment, Change, ConfigState, HostReport, PciAddress,
-    PciFunction, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo, VfOf, VfSetStatus,
+    ApplyReport, AssignOptions, Assignment, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner,
+    OwnerKind, PciAddress, PciFunction, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo,
+    VfOf, VfSetStatus,
 };
 use tracing::{info, warn};
 
@@ -150,6 +152,8 @@ pub const MAX_ADDRESSES: usize = 1024;
 /// How many recent failures `status` keeps, and how long each line may be.
 const ERROR_RING: usize = 20;
 const ERROR_LINE: usize = 400;
+/// A libvirt lease younger than this is never stale: the hook takes it before QEMU starts.
+pub const LEASE_GRACE: Duration = Duration::from_secs(120);
 /// How many units of the desired state run at once.
 const APPLY_WORKERS: usize = 4;
 
@@ -205,6 +209,11 @@ pub struct Engine {
     last_refused: Mutex<Vec<Refusal>>,
     /// What device events led to lately (for `status`).
     hotplug: Mutex<VecDeque<String>>,
+    /// When each lease was taken (since this daemon started), for judging staleness.
+    lease_times: Mutex<HashMap<LeaseOwner, Instant>>,
+    /// The functions each owner's lease starts asked for, until the lease ends (see
+    /// [`Engine::lease_end`]).
+    lease_starts: Mutex<HashMap<LeaseOwner, BTreeSet<PciAddress>>>,
     /// Readers' copy of the last scan (see [`Engine::snapshot`]): the generation it was taken
     /// at, when, and the scan.
     cached: Mutex<Option<(u64, Instant, Arc<Inventory>)>>,
@@ -236,10 +245,13 @@ impl Engine {
                 source,
             }
         })?;
-        // Fails on an unknown state version before anything is touched.
-        let registry = Arc::new(Mutex::new(Registry::from_state(&State::load(
-            &config.state_dir,
-        )?)));
+        // Fails on an unknown state version before anything is touched. Leases of an earlier
+        // boot are dropped here: their VMs are gone.
+        let boot_id = boot_id(&config.root);
+        let registry = Arc::new(Mutex::new(Registry::from_state(
+            &State::load(&config.state_dir)?,
+            boot_id.as_deref(),
+        )));
         let in_flight = Arc::new(InFlight::default());
         let drivers = Drivers::new(
             config.root.clone(),
@@ -277,6 +289,8 @@ impl Engine {
             errors: Mutex::new(VecDeque::new()),
             last_refused: Mutex::new(Vec::new()),
             hotplug: Mutex::new(VecDeque::new()),
+            lease_times: Mutex::new(HashMap::new()),
+            lease_starts: Mutex::new(HashMap::new()),
             cached: Mutex::new(None),
             scanning: Mutex::new(()),
             generation,
@@ -370,6 +384,14 @@ impl Engine {
             .good()
             .unwrap_or_else(|| Arc::new(Config::empty()))
     }
+}
+
+/// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), if it says.
+pub fn boot_id(root: &SysfsRoot) -> Option<String> {
+    crate::kernel::sysfs::read_attr(&root.proc_file("sys/kernel/random/boot_id"))
+        .ok()
+        .flatten()
+        .filter(|id| !id.is_empty())
 }
 
 /// Why the desired state is applied.

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use passthroughd_proto::{DeviceIdentity, PciAddress};
+use passthroughd_proto::{DeviceIdentity, LeaseOwner, PciAddress};
 use serde::{Deserialize, Serialize};
 
 /// Which kind of request a plan serves (for journals, logs and messages).
@@ -25,6 +25,8 @@ pub enum Operation {
     VfDestroy,
     /// The desired state (config, stored requests) applied at start or by `apply`.
     Apply,
+    LeaseStart,
+    LeaseEnd,
 }
 
 impl fmt::Display for Operation {
@@ -35,6 +37,8 @@ impl fmt::Display for Operation {
             Self::VfCreate => "vf create",
             Self::VfDestroy => "vf destroy",
             Self::Apply => "apply",
+            Self::LeaseStart => "lease",
+            Self::LeaseEnd => "lease end",
         })
     }
 }
@@ -96,6 +100,9 @@ pub enum Claim {
     Request,
     /// An entry of the declarative config: until the entry is removed and the config applied.
     Config,
+    /// A lease of a named owner (a libvirt domain, a Kubernetes claim, another VMM): until the
+    /// owner ends it; kept across daemon restarts, dropped at a host reboot.
+    Lease(LeaseOwner),
 }
 
 impl Claim {
@@ -104,12 +111,21 @@ impl Claim {
         !matches!(self, Self::Runtime)
     }
 
-    /// The word `status` shows for it.
+    /// What `status` shows for it: `request`, or `lease libvirt:vm1`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Lease(owner) => format!("lease {owner}"),
+            other => other.name().to_owned(),
+        }
+    }
+
+    /// The word for its kind.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Runtime => "runtime",
             Self::Request => "request",
             Self::Config => "config",
+            Self::Lease(_) => "lease",
         }
     }
 }

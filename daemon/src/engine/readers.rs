@@ -150,6 +150,7 @@ impl Engine {
             vf_sets,
             config: Some(lock(&self.config).state()),
             refused: lock(&self.last_refused).clone(),
+            leases: self.leases(),
             hotplug: lock(&self.hotplug).iter().cloned().collect(),
             pending: self.executor.pending(),
             unfinished: self.executor.unfinished(),

@@ -8,6 +8,7 @@ use passthroughd_proto::{DeviceIdentity, PciAddress};
 
 use crate::engine::plan::{Claim, ClaimRecord, Step, Target, VfSetRecord};
 use crate::store::state::{Source, State, StoredAssignment, StoredIdentity, StoredVfs};
+use passthroughd_proto::LeaseOwner;
 
 /// One claimed function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,36 +43,65 @@ pub struct HeldVfs {
 pub struct Registry {
     functions: BTreeMap<Target, Held>,
     vf_sets: BTreeMap<PciAddress, HeldVfs>,
+    /// The boot leases are taken in (from the kernel's boot_id); `None` where the kernel does
+    /// not say (then leases are kept as they are).
+    boot_id: Option<String>,
 }
 
-fn claim_of(source: Source) -> Claim {
+/// The claim a stored entry holds; `None` for a lease of another boot (its VM is gone).
+fn claim_of(
+    source: Source,
+    owner: Option<&LeaseOwner>,
+    boot_id: Option<&str>,
+    now: Option<&str>,
+) -> Option<Claim> {
     match source {
-        Source::Request => Claim::Request,
-        Source::Config => Claim::Config,
+        Source::Request => Some(Claim::Request),
+        Source::Config => Some(Claim::Config),
+        Source::Lease => {
+            let owner = owner?.clone();
+            match (boot_id, now) {
+                (Some(then), Some(now)) if then != now => None,
+                _ => Some(Claim::Lease(owner)),
+            }
+        }
     }
 }
 
-fn source_of(claim: &Claim) -> Option<Source> {
+fn source_of(claim: &Claim) -> Option<(Source, Option<LeaseOwner>)> {
     match claim {
         Claim::Runtime => None,
-        Claim::Request => Some(Source::Request),
-        Claim::Config => Some(Source::Config),
+        Claim::Request => Some((Source::Request, None)),
+        Claim::Config => Some((Source::Config, None)),
+        Claim::Lease(owner) => Some((Source::Lease, Some(owner.clone()))),
     }
 }
 
 impl Registry {
-    /// The claims stored in state.toml.
-    pub fn from_state(state: &State) -> Self {
-        let mut registry = Self::default();
+    /// The claims stored in state.toml, in the boot `boot_id`: leases of another boot are
+    /// dropped (a reboot ended their VMs).
+    pub fn from_state(state: &State, boot_id: Option<&str>) -> Self {
+        let mut registry = Self {
+            boot_id: boot_id.map(str::to_owned),
+            ..Self::default()
+        };
         for a in &state.assignments {
+            let Some(claim) = claim_of(a.source, a.owner.as_ref(), a.boot_id.as_deref(), boot_id)
+            else {
+                continue;
+            };
             registry.apply(&Step::Claim(ClaimRecord {
                 target: Target::Function(a.address),
                 identity: a.identity.0,
                 previous_driver: a.previous_driver.clone(),
-                claim: claim_of(a.source),
+                claim,
             }));
         }
         for v in &state.vfs {
+            let Some(claim) = claim_of(v.source, v.owner.as_ref(), v.boot_id.as_deref(), boot_id)
+            else {
+                continue;
+            };
             match v.count {
                 Some(count) => {
                     registry.vf_sets.insert(
@@ -81,7 +111,7 @@ impl Registry {
                                 identity: v.identity.0,
                                 count,
                                 assigned: v.assigned.iter().copied().collect(),
-                                claim: claim_of(v.source),
+                                claim,
                             },
                             refused: None,
                         },
@@ -93,7 +123,7 @@ impl Registry {
                             target: Target::Vf { pf: v.pf, index },
                             identity: v.identity.0,
                             previous_driver: None,
-                            claim: claim_of(v.source),
+                            claim: claim.clone(),
                         }));
                     }
                 }
@@ -106,35 +136,43 @@ impl Registry {
     /// on their own in entries without one.
     pub fn to_state(&self) -> State {
         let mut state = State::default();
+        let boot = |owner: &Option<LeaseOwner>| owner.as_ref().and(self.boot_id.clone());
         for (pf, set) in &self.vf_sets {
-            if let Some(source) = source_of(&set.record.claim) {
+            if let Some((source, owner)) = source_of(&set.record.claim) {
                 state.vfs.push(StoredVfs {
                     pf: *pf,
                     identity: StoredIdentity(set.record.identity),
                     count: Some(set.record.count),
                     assigned: set.record.assigned.iter().copied().collect(),
                     source,
+                    boot_id: boot(&owner),
+                    owner,
                 });
             }
         }
-        let mut loose: BTreeMap<(PciAddress, Source), StoredVfs> = BTreeMap::new();
+        let mut loose: BTreeMap<(PciAddress, Source, Option<LeaseOwner>), StoredVfs> =
+            BTreeMap::new();
         for (target, held) in &self.functions {
-            for source in held.claims.iter().filter_map(source_of) {
+            for (source, owner) in held.claims.iter().filter_map(source_of) {
                 match *target {
                     Target::Function(address) => state.assignments.push(StoredAssignment {
                         address,
                         identity: StoredIdentity(held.identity),
                         previous_driver: held.previous_driver.clone(),
                         source,
+                        boot_id: boot(&owner),
+                        owner,
                     }),
                     Target::Vf { pf, index } => loose
-                        .entry((pf, source))
+                        .entry((pf, source, owner.clone()))
                         .or_insert_with(|| StoredVfs {
                             pf,
                             identity: StoredIdentity(held.identity),
                             count: None,
                             assigned: Vec::new(),
                             source,
+                            boot_id: boot(&owner),
+                            owner,
                         })
                         .assigned
                         .push(index),
@@ -331,7 +369,7 @@ mod tests {
         assert_eq!(state.vfs[0].assigned, [0, 1]);
         assert_eq!(state.vfs[1].count, None);
         assert_eq!(state.vfs[1].assigned, [2]);
-        let back = Registry::from_state(&state);
+        let back = Registry::from_state(&state, None);
         assert_eq!(back.get(&nic).unwrap().claims.len(), 2);
         assert!(
             back.get(&Target::Function("0000:02:00.0".parse().unwrap()))

@@ -90,6 +90,61 @@ pub struct OpenFile {
     /// since): the function it opens, from the fd's `vfio-device-syspath` (kernels since 6.9);
     /// `None` when the kernel does not say.
     pub device: Option<PciAddress>,
+    /// The VM's name, when the process is a QEMU started with `-name`.
+    pub vm: Option<String>,
+}
+
+impl OpenFile {
+    /// "qemu-system-x86 (pid 4242, VM win11)" or "sleep (pid 7)".
+    pub fn who(&self) -> String {
+        match &self.vm {
+            Some(vm) => format!("{} (pid {}, VM {vm})", self.comm, self.pid),
+            None => format!("{} (pid {})", self.comm, self.pid),
+        }
+    }
+}
+
+/// The VM name a QEMU command line gives (`-name guest=NAME,...` or `-name NAME`), if any.
+pub fn vm_name(cmdline: &[u8]) -> Option<String> {
+    let mut args = cmdline.split(|&b| b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" || arg == b"--name" {
+            let value = String::from_utf8_lossy(args.next()?).into_owned();
+            let value = value.strip_prefix("guest=").unwrap_or(&value);
+            // QEMU's option syntax: the value ends at a lone ',', and ",," is a comma in it
+            // (libvirt writes a domain "a,b" as guest=a,,b).
+            let mut name = String::new();
+            let mut chars = value.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == ',' {
+                    if chars.peek() != Some(&',') {
+                        break;
+                    }
+                    chars.next();
+                }
+                name.push(c);
+            }
+            return (!name.is_empty()).then_some(name);
+        }
+    }
+    None
+}
+
+/// The names of the VMs running now: processes whose command line has `-name`.
+pub fn running_vms(proc: &Path) -> HashSet<String> {
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return HashSet::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter_map(|cmdline| vm_name(&cmdline))
+        .collect()
 }
 
 /// What a VFIO device fd obtained through its group looks like in `/proc/PID/fd`.
@@ -450,10 +505,10 @@ impl HostSnapshot {
             })
     }
 
-    /// The process holding the function's VFIO group or device open, as "comm (pid N)".
+    /// The process holding the function's VFIO group or device open, as "comm (pid N)" or
+    /// "comm (pid N, VM name)".
     pub fn in_use_by(&self, function: &PciFunction) -> Option<String> {
-        self.holder(function)
-            .map(|f| format!("{} (pid {})", f.comm, f.pid))
+        self.holder(function).map(OpenFile::who)
     }
 
     /// In use by a VMM: its group node or its VFIO device node is open somewhere.
@@ -461,8 +516,9 @@ impl HostSnapshot {
         self.holder(function).map(|f| Finding {
             severity: Severity::Busy,
             reason: format!(
-                "it is in use by {} (pid {}) through {}; stop that VM or process first",
-                f.comm, f.pid, f.target
+                "it is in use by {} through {}; stop that VM or process first",
+                f.who(),
+                f.target
             ),
         })
     }
@@ -739,11 +795,15 @@ pub fn scan_open_files(proc: &Path) -> Vec<OpenFile> {
                 } else {
                     None
                 };
+                let vm = std::fs::read(entry.path().join("cmdline"))
+                    .ok()
+                    .and_then(|c| vm_name(&c));
                 found.push(OpenFile {
                     pid,
                     comm,
                     target: target.into_owned(),
                     device,
+                    vm,
                 });
             }
         }
@@ -797,6 +857,19 @@ mod tests {
             vec![("enp0s5".into(), "2001:db8::1".into())]
         );
         assert_eq!(unescape("/mnt/my\\040disk"), "/mnt/my disk");
+    }
+
+    #[test]
+    fn vm_names_come_from_qemu_command_lines() {
+        let qemu = b"qemu-system-x86_64\0-name\0guest=win11,debug-threads=on\0-m\x004096\0";
+        assert_eq!(vm_name(qemu).as_deref(), Some("win11"));
+        assert_eq!(vm_name(b"qemu\0-name\0plain\0").as_deref(), Some("plain"));
+        assert_eq!(vm_name(b"sleep\x00100\0"), None);
+        assert_eq!(vm_name(b"qemu\0-name\0"), None);
+        assert_eq!(
+            vm_name(b"qemu\0-name\0guest=a,,b,debug-threads=on\0").as_deref(),
+            Some("a,b")
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
 use passthroughd_proto::wire::{Dict, FunctionRow, to_dict, to_dicts};
 use passthroughd_proto::{
-    ApplyReport, AssignOptions, Change, ConfigState, HostReport, PciAddress, ReleaseOptions,
-    Status, VfCreateOptions, VfInfo,
+    ApplyReport, AssignOptions, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner, PciAddress,
+    ReleaseOptions, Status, VfCreateOptions, VfInfo,
 };
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
@@ -70,6 +70,14 @@ pub trait Backend: Send + Sync + 'static {
     fn vf_list(&self, pf: PciAddress) -> Result<Vec<VfInfo>, Error>;
     fn apply(&self, caller: &Caller, dry_run: bool) -> Result<ApplyReport, Error>;
     fn reload(&self) -> Result<ConfigState, Error>;
+    fn lease_start(
+        &self,
+        caller: &Caller,
+        owner: &LeaseOwner,
+        addresses: &[PciAddress],
+    ) -> Result<Vec<Change>, Error>;
+    fn lease_end(&self, caller: &Caller, owner: &LeaseOwner) -> Result<Vec<Change>, Error>;
+    fn leases(&self) -> Result<Vec<LeaseInfo>, Error>;
     /// Where changes finished after their callers were answered are reported.
     fn set_listener(&self, _listener: Listener) {}
 }
@@ -125,6 +133,20 @@ impl Backend for Engine {
     }
     fn reload(&self) -> Result<ConfigState, Error> {
         Ok(Engine::reload(self))
+    }
+    fn lease_start(
+        &self,
+        caller: &Caller,
+        owner: &LeaseOwner,
+        addresses: &[PciAddress],
+    ) -> Result<Vec<Change>, Error> {
+        Engine::lease_start(self, caller, owner, addresses)
+    }
+    fn lease_end(&self, caller: &Caller, owner: &LeaseOwner) -> Result<Vec<Change>, Error> {
+        Engine::lease_end(self, caller, owner)
+    }
+    fn leases(&self) -> Result<Vec<LeaseInfo>, Error> {
+        Ok(Engine::leases(self))
     }
     fn set_listener(&self, listener: Listener) {
         Engine::set_listener(self, listener);
@@ -264,6 +286,20 @@ fn parse_addresses(texts: &[String]) -> Result<Vec<PciAddress>, Error> {
 
 /// Parses one caller-supplied address (the parser bounds its length).
 fn parse_address(text: &str) -> Result<PciAddress, Error> {
+    text.parse()
+        .map_err(|e| Error::InvalidArgument(format!("{e}")))
+}
+
+/// Parses a caller-supplied lease owner (`libvirt:DOMAIN`, `k8s:UID`, `vmm:NAME`); the length
+/// is checked before anything else looks at the text.
+fn parse_owner(text: &str) -> Result<LeaseOwner, Error> {
+    const LONGEST: usize = 8 + 4 * passthroughd_proto::lease::MAX_OWNER_NAME;
+    if text.len() > LONGEST {
+        return Err(Error::InvalidArgument(format!(
+            "the lease owner is {} bytes long; at most {LONGEST}",
+            text.len()
+        )));
+    }
     text.parse()
         .map_err(|e| Error::InvalidArgument(format!("{e}")))
 }
@@ -681,6 +717,66 @@ impl ManagerObject {
             .blocking("reloading the config", |engine| engine.reload())
             .await?;
         dict(&state)
+    }
+
+    /// Takes a lease for `owner` (`libvirt:DOMAIN`, `k8s:CLAIM-UID`, `vmm:NAME`) on every
+    /// function of `addresses`, all or nothing: bound to vfio-pci with every guard rule; refused
+    /// when another owner holds one (naming it) or when a group has endpoints left out. A
+    /// function already assigned stays as it is. Taking the same lease again changes nothing.
+    async fn lease_start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        owner: String,
+        addresses: Vec<String>,
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
+        let owner = parse_owner(&owner).map_err(|e| to_dbus(&e))?;
+        let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
+        let caller = self.authorize(conn, &header).await?;
+        info!(uid = caller.uid, sender = %caller.bus_name, %owner, addresses = %addresses.len(),
+            "lease start");
+        let changes = self
+            .mutate(
+                "lease start",
+                BUSY_DEVICE,
+                move |engine| engine.lease_start(&caller, &owner, &addresses),
+                changes(),
+            )
+            .await?;
+        dicts(&changes)
+    }
+
+    /// Ends the lease of `owner`: each function it leased goes back to the driver it had
+    /// before, unless a request or the config also claims it. An end is never dropped for
+    /// waiting: it runs once the functions' operations in progress are done, even after its
+    /// caller stopped waiting (the libvirt hook that gave up on a start relies on that).
+    async fn lease_end(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        owner: String,
+    ) -> Result<Vec<Dict>, proto_dbus::Error> {
+        let owner = parse_owner(&owner).map_err(|e| to_dbus(&e))?;
+        let mut caller = self.authorize(conn, &header).await?;
+        caller.deadline = None;
+        info!(uid = caller.uid, sender = %caller.bus_name, %owner, "lease end");
+        let changes = self
+            .mutate(
+                "lease end",
+                BUSY_DEVICE,
+                move |engine| engine.lease_end(&caller, &owner),
+                changes(),
+            )
+            .await?;
+        dicts(&changes)
+    }
+
+    /// Every lease: owner, functions, age, and why it looks stale when it does.
+    async fn list_leases(&self) -> Result<Vec<Dict>, proto_dbus::Error> {
+        let leases = self
+            .blocking("listing leases", |engine| engine.leases())
+            .await?;
+        dicts(&leases)
     }
 
     /// The VFs of `pf` changed; `count` is how many it has now.

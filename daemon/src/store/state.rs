@@ -10,7 +10,8 @@
 //! subsystem_vendor_id = "8086"
 //! subsystem_device_id = "a03c"
 //! previous_driver = "igb"
-//! source = "request"             # `assign` without --runtime; or "config"
+//! source = "request"             # `assign` without --runtime; "config"; or "lease" with
+//!                                # owner = "libvirt:vm1" and boot_id (the boot it was taken in)
 //!
 //! [[vfs]]                        # VFs of one PF, by index: never by their own addresses
 //! pf = "0000:05:00.0"
@@ -33,7 +34,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use passthroughd_proto::{DeviceIdentity, PciAddress};
+use passthroughd_proto::{DeviceIdentity, LeaseOwner, PciAddress};
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
@@ -55,6 +56,8 @@ pub enum Source {
     Request,
     /// An entry of the declarative config (kept so that removing the entry releases it).
     Config,
+    /// A lease (`owner`), valid only during the boot it was taken in (`boot_id`).
+    Lease,
 }
 
 /// VFs of one PF: the count a source created and the VF indexes it assigned.
@@ -69,6 +72,10 @@ pub struct StoredVfs {
     pub assigned: Vec<u32>,
     #[serde(default)]
     pub source: Source,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<LeaseOwner>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// One stored assignment of a function that is not a VF.
@@ -81,6 +88,11 @@ pub struct StoredAssignment {
     pub previous_driver: Option<String>,
     #[serde(default)]
     pub source: Source,
+    /// For a lease: who holds it, and the boot it was taken in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<LeaseOwner>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// Ids as 4-digit hex strings, the way `lspci -n` shows them, so the file reads naturally.
@@ -184,8 +196,16 @@ impl State {
     }
 
     fn sort(&mut self) {
-        self.assignments.sort_by_key(|a| (a.address, a.source));
-        self.vfs.sort_by_key(|v| (v.pf, v.source));
+        self.assignments
+            .sort_by(|a, b| (a.address, a.source, &a.owner).cmp(&(b.address, b.source, &b.owner)));
+        self.vfs.sort_by(|a, b| {
+            (a.pf, a.source, a.count.is_none(), &a.owner).cmp(&(
+                b.pf,
+                b.source,
+                b.count.is_none(),
+                &b.owner,
+            ))
+        });
     }
 
     /// Writes `state.toml` atomically.
@@ -230,6 +250,8 @@ mod tests {
             identity: identity(),
             previous_driver: Some("igb".into()),
             source,
+            owner: None,
+            boot_id: None,
         }
     }
 
@@ -249,6 +271,8 @@ mod tests {
                 count: None,
                 assigned: vec![2],
                 source: Source::Request,
+                owner: None,
+                boot_id: None,
             }],
         };
         state.save(dir.path()).unwrap();

@@ -249,6 +249,20 @@ pub fn release(
                 f.driver.as_deref().unwrap_or("nothing")
             )));
         }
+        if let Some(owner) = held.and_then(|h| {
+            h.claims.iter().find_map(|c| match c {
+                Claim::Lease(owner) => Some(owner),
+                _ => None,
+            })
+        }) {
+            return Err(Error::Refused {
+                address: f.address,
+                reason: format!(
+                    "it is leased to {owner}; the lease ends with its owner, or with \
+                     passthroughctl lease end {owner}"
+                ),
+            });
+        }
         if let Some(entry) = held
             .filter(|h| h.claims.contains(&Claim::Config))
             .and_then(|_| claiming_entry(view.config, view.inventory, f))
@@ -274,7 +288,7 @@ pub fn release(
                     .filter(|c| match c {
                         Claim::Runtime => true,
                         Claim::Request => !options.runtime,
-                        Claim::Config => false,
+                        Claim::Config | Claim::Lease(_) => false,
                     })
                     .cloned()
                     .collect()

@@ -5,10 +5,12 @@
 //!
 //! - [`assign`]: `assign` and `release`.
 //! - [`vfs`]: `vf create` and `vf destroy`.
+//! - [`lease`]: leases taken and ended by their owners.
 //! - [`desired`]: the declarative config and stored requests, at start and on `apply`.
 
 pub mod assign;
 pub mod desired;
+pub mod lease;
 pub mod vfs;
 
 use passthroughd_proto::config::{Config, Selector};
