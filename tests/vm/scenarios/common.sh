@@ -12,6 +12,14 @@ find_dev() {
     return 1
 }
 
+# Every function with vendor:device, one per line in address order (the VM has two igb PFs).
+find_devs() {
+    local d
+    for d in "$SYS"/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "$1:$2" ] && basename "$d"
+    done
+}
+
 link_name() { local t; t="$(readlink "$1" 2>/dev/null)" && basename "$t" || echo -; }
 
 # addr vendor device class driver group, decimal ids, one line per function.
