@@ -93,6 +93,8 @@ if "$CTL" status >/dev/null 2>&1; then
     check blocked-release-within-8s test "$t" -lt 8000
     check blocked-release-says-did-not-finish grep -q "did not finish" "$PT_OUT/last.err"
     check blocked-release-says-pending grep -q "pending" "$PT_OUT/last.err"
+    # The daemon answered, but its write is still inside the kernel, waiting for the holder.
+    check kernel-holds-the-unbind sh -c "grep -qx vfio_unregister_group_dev /proc/$main/task/*/wchan"
     note "while pending: driver link '$(driver_of "$vf0")', driver_override '$(cat "$SYS/$vf0/driver_override")' (the kernel drops the link before remove() blocks)"
 
     # The daemon keeps answering while the write is stuck.
