@@ -9,6 +9,7 @@
 PT_RESULTS="${PT_RESULTS:-$PT_OUT/results.txt}"
 _pt_pass=0
 _pt_fail=0
+_pt_start="${EPOCHREALTIME/./}"
 : >"$PT_RESULTS"
 
 _pt_record() { echo "$1" | tee -a "$PT_RESULTS"; }
@@ -40,6 +41,8 @@ expect_eq() {
 note() { _pt_record "NOTE $*"; }
 
 finish() {
+    # The scenario's own time in the guest, apart from boot (run.sh prints boot+run).
+    note "scenario ran $(( (${EPOCHREALTIME/./} - _pt_start) / 1000000 )) s in the guest"
     _pt_record "DONE pass=$_pt_pass fail=$_pt_fail"
     sync
     [ "$_pt_fail" = 0 ] && exit 0 || exit 1

@@ -70,6 +70,8 @@ esac
 #   00:13.0 root port -> virtio-blk (a scratch disk, /dev/vda in the guest: scenarios mount it to
 #           prove the mounted-filesystem guard on a real block device)
 #   00:14.0 virtio-9p: the host's root again, for the page-cached view of programs (guest.sh)
+#   00:15.0 root port -> a second igb (SR-IOV PF, 7 VFs): hosts often have several PFs, and
+#           benchmarks need 2 PFs x 7 VFs. Scenarios use the first PF (find_dev) unless about all.
 # The default-route NIC is vng's virtio-net (--net user), on pcie.0, not one of these.
 # The test NICs have no backend (qemu warns "nic ... has no peer"): they exist only to be bound/unbound.
 if [ "$use_kvm" = 1 ]; then
@@ -99,6 +101,8 @@ QEMU_OPTS=(
     # own root mount has none, and one 9p channel serves one mount).
     -fsdev local,id=ptcache,path=/,security_model=none,readonly=on
     -device virtio-9p-pci,fsdev=ptcache,mount_tag=ptcache,bus=pcie.0,addr=0x14.0
+    -device pcie-root-port,id=rp_igb1,bus=pcie.0,addr=0x15.0,chassis=5,slot=5
+    -device igb,id=igb1,bus=rp_igb1,mac=52:54:00:12:06:00
 )
 
 q() { printf '%q ' "$@"; }

@@ -12,6 +12,14 @@ find_dev() {
     return 1
 }
 
+# Every function with vendor:device, one per line in address order (the VM has two igb PFs).
+find_devs() {
+    local d
+    for d in "$SYS"/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "$1:$2" ] && basename "$d"
+    done
+}
+
 link_name() { local t; t="$(readlink "$1" 2>/dev/null)" && basename "$t" || echo -; }
 
 # addr vendor device class driver group, decimal ids, one line per function.
@@ -51,11 +59,15 @@ raw_bind_vfio() {
     echo "$1" > /sys/bus/pci/drivers_probe
 }
 
-# Waits up to $2 seconds for a shell condition $1.
+# Waits up to $2 seconds (wall clock) for a shell condition $1. Counting tries instead let a
+# condition that runs a program (~0.3 s each under TCG) wait four times as long as asked.
 wait_for() {
-    local i
-    for i in $(seq 1 $(($2 * 10))); do eval "$1" && return 0; sleep 0.1; done
-    return 1
+    local end=$(( ${EPOCHREALTIME/./} + $2 * 1000000 ))
+    while :; do
+        eval "$1" && return 0
+        [ "${EPOCHREALTIME/./}" -ge "$end" ] && return 1
+        sleep 0.1
+    done
 }
 
 CTL="$PT_BIN/passthroughctl"
@@ -69,10 +81,13 @@ start_system_bus() {
     dbus-daemon --system --fork
 }
 
-# Starts passthroughd on the system bus (optionally under a wrapper such as strace) and waits
-# until it answers. The pid goes to a file, not a variable, so this also works inside `check`
-# (which runs its command in a subshell).
+# Starts passthroughd on the system bus (optionally under a wrapper such as strace or
+# `unshare -pf --mount-proc`) and waits until it answers. Extra daemon flags go in the array
+# DAEMON_FLAGS (e.g. DAEMON_FLAGS=(--write-timeout 2)). The pid (the wrapper's, with a wrapper)
+# goes to a file, not a variable, so this also works inside `check` (which runs its command in a
+# subshell).
 DAEMON_PIDFILE="$PT_OUT/daemon.pid"
+DAEMON_FLAGS=()
 start_daemon() {
     if "$CTL" status >/dev/null 2>&1; then
         echo "start_daemon: a daemon is already serving" >&2
@@ -80,9 +95,13 @@ start_daemon() {
     fi
     # The log reaches PT_OUT (9p, ~20 ms a write under TCG) through cat, so the daemon never
     # waits on the test bed's shared folder; a host's journald socket takes a line in microseconds.
-    "$@" "$PT_BIN/passthroughd" --bus system --state-dir "$STATE_DIR" > >(exec cat >>"$PT_OUT/daemon.log" 2>/dev/null) 2>&1 &
-    echo $! > "$DAEMON_PIDFILE"
-    wait_for '"$CTL" status >/dev/null 2>&1' 30
+    "$@" "$PT_BIN/passthroughd" --bus system --state-dir "$STATE_DIR" "${DAEMON_FLAGS[@]}" \
+        > >(exec cat >>"$PT_OUT/daemon.log" 2>/dev/null) 2>&1 &
+    local pid=$!
+    echo "$pid" > "$DAEMON_PIDFILE"
+    # Gives up as soon as the daemon (or its wrapper) exits, e.g. on a flag it does not know.
+    wait_for '"$CTL" status >/dev/null 2>&1 || ! alive '"$pid" 30
+    "$CTL" status >/dev/null 2>&1
 }
 
 # Whether process $1 is running. A daemon started inside `check` (a subshell) is reparented to
@@ -90,10 +109,26 @@ start_daemon() {
 # finds (that cost 20 s per restart).
 alive() { local s; s="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" && [ -n "$s" ] && [ "$s" != Z ]; }
 
-# Stops the daemon started last and waits until it is gone and its bus name is free.
+# The daemon's own pid: the started pid, or its passthroughd child when started under a wrapper.
+daemon_main_pid() {
+    local pid k
+    pid="$(cat "$DAEMON_PIDFILE" 2>/dev/null)" || return 1
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != passthroughd ]; then
+        for k in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+            [ "$(cat "/proc/$k/comm" 2>/dev/null)" = passthroughd ] && { echo "$k"; return 0; }
+        done
+    fi
+    echo "$pid"
+}
+
+# Stops the daemon started last and waits until it is gone and its bus name is free. The daemon
+# itself gets the SIGTERM: `unshare --fork` blocks SIGTERM while it waits for its child, so
+# signalling only the wrapper left the daemon serving.
 stop_daemon() {
-    local pid
+    local pid main
     pid="$(cat "$DAEMON_PIDFILE" 2>/dev/null)" || return 0
+    main="$(daemon_main_pid)"
+    [ "$main" != "$pid" ] && kill "$main" 2>/dev/null
     kill "$pid" 2>/dev/null
     wait_for "! alive $pid" 20
     wait_for '! "$CTL" status >/dev/null 2>&1' 10

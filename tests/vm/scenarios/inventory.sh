@@ -9,7 +9,11 @@ pf="$(find_dev 0x8086 0x10c9)"
 e1000="$(find_dev 0x8086 0x100e)"
 pcnet="$(find_dev 0x1022 0x2000)"
 check devices-present test -n "$pf" -a -n "$e1000" -a -n "$pcnet"
-note "igb PF $pf, e1000 $e1000, pcnet $pcnet"
+# The VM has two igb PFs on root ports of their own; the checks below use the first, $pf.
+igb_pfs="$(find_devs 0x8086 0x10c9 | tr '\n' ' ' | sed 's/ $//')"
+pf2="$(find_devs 0x8086 0x10c9 | sed -n 2p)"
+expect_eq two-igb-pfs "$(echo "$igb_pfs" | wc -w)" 2
+note "igb PFs $igb_pfs, e1000 $e1000, pcnet $pcnet"
 
 "$PTD" inventory --json > "$PT_OUT/inventory-before.json"
 check inventory-before-runs jq -e '.functions | length > 5' "$PT_OUT/inventory-before.json"
@@ -21,6 +25,8 @@ expect_eq pf-role "$(q ".functions[] | select(.address==\"$pf\") | .sriov.total_
 expect_eq pf-numvfs-before "$(q ".functions[] | select(.address==\"$pf\") | .sriov.num_vfs" inventory-before.json)" 0
 expect_eq pf-autoprobe "$(q ".functions[] | select(.address==\"$pf\") | .sriov.drivers_autoprobe" inventory-before.json)" true
 expect_eq pf-driver "$(q ".functions[] | select(.address==\"$pf\") | .driver" inventory-before.json)" igb
+expect_eq every-igb-pf-listed "$(q "[.functions[] | select(.sriov.total_vfs == 7 and .device_id == 4297) | .address] | join(\" \")" inventory-before.json)" "$igb_pfs"
+check igb-pfs-own-groups jq -e "[.functions[] | select(.device_id == 4297) | .iommu_group] | unique | length == 2" "$PT_OUT/inventory-before.json"
 check pf-not-viable jq -e ".groups[] | select(.members | index(\"$pf\")) | .viable == false and (.blockers[0].driver == \"igb\")" "$PT_OUT/inventory-before.json"
 
 # The two conventional PCI functions behind the bridge share one group: the kernel aliases their
@@ -45,6 +51,7 @@ check functions-match-kernel-with-vfs diff <(kernel_functions) <(inventory_funct
 check groups-match-kernel-with-vfs diff <(kernel_groups) <(inventory_groups "$PT_OUT/inventory-vfs.json")
 expect_eq pf-numvfs-after "$(q ".functions[] | select(.address==\"$pf\") | .sriov.num_vfs" inventory-vfs.json)" 4
 expect_eq vf-count "$(q "[.functions[] | select(.vf_of.pf==\"$pf\")] | length" inventory-vfs.json)" 4
+expect_eq second-pf-untouched "$(q ".functions[] | select(.address==\"$pf2\") | \"\(.sriov.num_vfs) \(.driver)\"" inventory-vfs.json) $(q "[.functions[] | select(.vf_of.pf==\"$pf2\")] | length" inventory-vfs.json)" "0 igb 0"
 for i in 0 1 2 3; do
     vf="$(basename "$(readlink "$SYS/$pf/virtfn$i")")"
     expect_eq "vf$i-pf-and-index" "$(q ".functions[] | select(.address==\"$vf\") | \"\(.vf_of.pf) \(.vf_of.index)\"" inventory-vfs.json)" "$pf $i"
