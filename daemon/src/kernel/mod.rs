@@ -1,5 +1,6 @@
 //! The one seam for kernel-facing writes. `SysfsKernel` writes the live sysfs under a root; the
 //! simulated kernel (`sim.rs`) stands in for tests and reacts to writes as the real one does.
+//! VFIO access (opening a device as a VMM does, resetting it) is its own seam, [`vfio::Vfio`].
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -10,6 +11,7 @@ pub mod driver;
 pub mod events;
 pub mod sriov;
 pub mod sysfs;
+pub mod vfio;
 
 /// Modules the daemon may load. A caller never chooses what gets modprobed: the engine asks
 /// for one of these constants, and anything else is refused here as well.

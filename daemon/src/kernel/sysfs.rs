@@ -133,6 +133,13 @@ impl SysfsRoot {
         self.root.join("dev").join(rel)
     }
 
+    /// `dev/vfio/N`: the node of IOMMU group `group`, present while a member is on a VFIO driver.
+    pub fn vfio_group_node(&self, group: u32) -> PathBuf {
+        let mut path = self.dev_path("vfio");
+        path.push(group.to_string());
+        path
+    }
+
     /// `boot/`: the kernel's config file lives here as `config-RELEASE`.
     pub fn boot_dir(&self) -> PathBuf {
         self.root.join("boot")
