@@ -17,4 +17,6 @@ pub use ops::{
     PlannedVfs, Refusal, ReleaseOptions, Status, VfCreateOptions, VfInfo, VfSetStatus,
 };
 pub mod host;
+#[cfg(feature = "manual")]
+pub mod manual;
 pub use host::{Check, HostReport, Verdict};
