@@ -130,6 +130,9 @@ fn escape_non_ascii(text: &str) -> String {
     escaped
 }
 
+/// A part of a page as clap_mangen renders it.
+type Section = fn(&Man, &mut dyn Write) -> std::io::Result<()>;
+
 /// One `.SS` per subcommand, depth first: its synopsis, description and own options (the global
 /// ones are in OPTIONS already). clap's `help` subcommand is listed, its own subcommands (one per
 /// command again) are not.
@@ -143,7 +146,7 @@ fn commands(parent: &Command, path: &str, out: &mut Vec<u8>) -> std::io::Result<
         let man = Man::new(sub.clone());
         writeln!(out, ".SS \"{full}\"")?;
         let bare = !sub.has_subcommands() && sub.get_arguments().all(|a| a.is_hide_set());
-        let mut parts: Vec<fn(&Man, &mut dyn Write) -> std::io::Result<()>> = Vec::new();
+        let mut parts: Vec<Section> = Vec::new();
         if !bare {
             // The heading says it all when there is nothing to add.
             parts.push(Man::render_synopsis_section);
