@@ -2,25 +2,36 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/config.sh tests/vm/scenarios/hotplug.sh tests/vm/scenarios/blocked.sh tests/vm/scenarios/vfio-probe.sh
+VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/config.sh tests/vm/scenarios/hotplug.sh tests/vm/scenarios/blocked.sh tests/vm/scenarios/vfio-probe.sh tests/vm/scenarios/installed.sh
 # Benchmarks run the release binaries: timings of a debug build say nothing about the product.
 VM_BENCHES := tests/vm/scenarios/bench-assign.sh tests/vm/scenarios/bench-sriov.sh tests/vm/scenarios/bench-apply.sh
 
-.PHONY: demo test setup build lint unit vm vm-bench bench capture
+.PHONY: demo demo-short test setup build release lint unit vm vm-bench bench capture \
+	install uninstall install-check deb
 
-## demo: boot a throwaway VM (real 6.12 kernel, emulated IOMMU and SR-IOV NIC) and show the inventory
-demo: setup
-	$(CARGO) build --release --bin passthroughd
-	PT_BIN=$(CURDIR)/target/release tests/vm/run.sh tests/vm/scenarios/demo.sh
+## demo: boot a throwaway VM (real 6.12 kernel, emulated IOMMU and SR-IOV NIC), run the daemon on
+## a system bus inside it and walk through the CLI as a recorded terminal session
+demo: setup release
+	PT_BIN=$(CURDIR)/target/release PT_OUT=$(CURDIR)/.vm-out/demo tests/vm/run.sh tests/vm/scenarios/demo.sh
 
-## test: everything CI runs: lint, unit and fixture tests, then the real-kernel VM scenarios
-test: setup lint unit vm vm-bench
+## test: everything CI runs: lint, unit and fixture tests, the install tree, then the real-kernel
+## VM scenarios and the demo's short form
+test: setup lint unit install-check vm vm-bench demo-short
+
+# The demo in CI, so it cannot rot: fewer steps, every step still checked.
+demo-short: release
+	PT_BIN=$(CURDIR)/target/release PT_OUT=$(CURDIR)/.vm-out/demo-short PT_VM_QUIET=1 \
+	  PT_VM_TIMEOUT=$${PT_VM_TIMEOUT:-600} tests/vm/run.sh tests/vm/scenarios/demo.sh --short
+	grep -q '^NOTE short form' .vm-out/demo-short/results.txt
 
 setup:
 	tests/vm/setup.sh
 
 build:
 	$(CARGO) build --workspace --all-targets
+
+release:
+	$(CARGO) build --release --bins
 
 lint:
 	$(CARGO) fmt --all --check
@@ -29,14 +40,20 @@ lint:
 unit:
 	$(CARGO) test --workspace
 
+# installed.sh runs the daemon from an install tree (DESTDIR=PT_OUT/root) made here beforehand:
+# the guest sees the repository read-only and cannot build.
 vm: build
 	@for s in $(VM_SCENARIOS); do \
+	  out=; \
+	  if [ $$s = tests/vm/scenarios/installed.sh ]; then \
+	    out=$(CURDIR)/.vm-out/installed; rm -rf $$out; \
+	    $(MAKE) --no-print-directory -s install DESTDIR=$$out/root PREFIX=/usr || exit 1; \
+	  fi; \
 	  echo "== VM scenario $$s"; \
-	  PT_VM_QUIET=1 PT_VM_TIMEOUT=$${PT_VM_TIMEOUT:-600} tests/vm/run.sh $$s || exit 1; \
+	  PT_OUT=$$out PT_VM_QUIET=1 PT_VM_TIMEOUT=$${PT_VM_TIMEOUT:-600} tests/vm/run.sh $$s || exit 1; \
 	done
 
-vm-bench:
-	$(CARGO) build --release --bins
+vm-bench: release
 	@for s in $(VM_BENCHES); do \
 	  out=$(CURDIR)/.vm-out/$$(basename $$s .sh); rm -rf $$out; \
 	  echo "== VM benchmark $$s"; \
@@ -52,3 +69,97 @@ bench:
 ## capture: re-capture the VM's sysfs tree into tests/fixtures/vm-6.12
 capture: setup build
 	tests/vm/capture.sh
+
+# --- Installation --------------------------------------------------------------------------
+# `make install [DESTDIR=...] [PREFIX=/usr]`: the release binaries to PREFIX/bin, with their man
+# pages, completions and documentation under PREFIX/share. What system services read from fixed
+# places goes to those places (under DESTDIR) whatever PREFIX is:
+#  - the unit to /usr/lib/systemd/system: systemd's directory for units shipped by packages on
+#    every distribution (on Debian /lib/systemd/system is the same directory through the merged
+#    /usr, and systemd reads both). /etc/systemd/system is the administrator's (overrides,
+#    `systemctl edit`, the links `systemctl enable` makes) and PREFIX/lib/systemd/system is read
+#    only for PREFIX=/usr/local, so neither would work for every PREFIX;
+#  - the bus policy and activation file to /usr/share/dbus-1 (the system bus reads only there
+#    and in /etc/dbus-1), the polkit action to /usr/share/polkit-1/actions (polkitd's only
+#    directory for actions);
+#  - /etc/passthroughd, the config directory, empty: a config.toml there is the administrator's
+#    and never written (config.example.toml goes to the documentation).
+# ExecStart= of the unit and Exec= of the activation file point at PREFIX/bin.
+# `make uninstall` with the same DESTDIR and PREFIX removes exactly those files, and
+# /etc/passthroughd only when empty; the state dir (/var/lib/passthroughd, made by systemd's
+# StateDirectory=) is never touched.
+PREFIX ?= /usr
+DESTDIR ?=
+BINDIR := $(PREFIX)/bin
+MANDIR := $(PREFIX)/share/man
+DOCDIR := $(PREFIX)/share/doc/passthroughd
+BASHCOMPDIR := $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR := $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR := $(PREFIX)/share/fish/vendor_completions.d
+UNITDIR := /usr/lib/systemd/system
+DBUSDIR := /usr/share/dbus-1
+POLKITDIR := /usr/share/polkit-1/actions
+CONFDIR := /etc/passthroughd
+BUS_NAME := org.passthroughd.Passthrough1
+GEN := target/dist
+
+# Every file install puts, in DESTDIR-relative paths; uninstall removes exactly these.
+INSTALLED_FILES := $(BINDIR)/passthroughd $(BINDIR)/passthroughctl \
+	$(UNITDIR)/passthroughd.service \
+	$(DBUSDIR)/system.d/$(BUS_NAME).conf $(DBUSDIR)/system-services/$(BUS_NAME).service \
+	$(POLKITDIR)/org.passthroughd.policy \
+	$(MANDIR)/man1/passthroughctl.1 $(MANDIR)/man8/passthroughd.8 $(MANDIR)/man5/passthroughd.toml.5 \
+	$(BASHCOMPDIR)/passthroughctl $(ZSHCOMPDIR)/_passthroughctl $(FISHCOMPDIR)/passthroughctl.fish \
+	$(DOCDIR)/config.example.toml $(DOCDIR)/$(BUS_NAME).Manager.xml
+
+## install: the release build, man pages, completions, unit, bus policy, polkit action (DESTDIR, PREFIX)
+install: release
+	@rm -rf $(GEN) && mkdir -p $(GEN)
+	target/release/passthroughctl --generate man > $(GEN)/passthroughctl.1
+	target/release/passthroughd --generate man > $(GEN)/passthroughd.8
+	for sh in bash zsh fish; do target/release/passthroughctl --generate $$sh > $(GEN)/passthroughctl.$$sh; done
+	sed 's|^ExecStart=/usr/bin/|ExecStart=$(BINDIR)/|' systemd/passthroughd.service > $(GEN)/passthroughd.service
+	sed 's|^Exec=/usr/bin/|Exec=$(BINDIR)/|' systemd/$(BUS_NAME).service > $(GEN)/$(BUS_NAME).service
+	grep -qx 'ExecStart=$(BINDIR)/passthroughd --bus system' $(GEN)/passthroughd.service
+	grep -qx 'Exec=$(BINDIR)/passthroughd --bus system' $(GEN)/$(BUS_NAME).service
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSDIR)/system.d \
+	  $(DESTDIR)$(DBUSDIR)/system-services $(DESTDIR)$(POLKITDIR) $(DESTDIR)$(MANDIR)/man1 \
+	  $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(BASHCOMPDIR) \
+	  $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR) $(DESTDIR)$(DOCDIR)
+	[ -d $(DESTDIR)$(CONFDIR) ] || install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	install -m 0755 target/release/passthroughd target/release/passthroughctl $(DESTDIR)$(BINDIR)/
+	install -m 0644 $(GEN)/passthroughd.service $(DESTDIR)$(UNITDIR)/
+	install -m 0644 systemd/$(BUS_NAME).conf $(DESTDIR)$(DBUSDIR)/system.d/
+	install -m 0644 $(GEN)/$(BUS_NAME).service $(DESTDIR)$(DBUSDIR)/system-services/
+	install -m 0644 systemd/org.passthroughd.policy $(DESTDIR)$(POLKITDIR)/
+	install -m 0644 $(GEN)/passthroughctl.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 0644 daemon/man/passthroughd.toml.5 $(DESTDIR)$(MANDIR)/man5/
+	install -m 0644 $(GEN)/passthroughd.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 $(GEN)/passthroughctl.bash $(DESTDIR)$(BASHCOMPDIR)/passthroughctl
+	install -m 0644 $(GEN)/passthroughctl.zsh $(DESTDIR)$(ZSHCOMPDIR)/_passthroughctl
+	install -m 0644 $(GEN)/passthroughctl.fish $(DESTDIR)$(FISHCOMPDIR)/passthroughctl.fish
+	install -m 0644 config.example.toml systemd/$(BUS_NAME).Manager.xml $(DESTDIR)$(DOCDIR)/
+
+## uninstall: remove what install put (same DESTDIR and PREFIX); keeps /etc/passthroughd/config.toml
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
+	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) 2>/dev/null || true
+
+## install-check: install into temporary trees and check them file by file (tests/install.sh)
+install-check: release
+	tests/install.sh
+
+## deb: a Debian package of the same install tree (PREFIX=/usr), with plain dpkg-deb
+# (packaging/debian/: the control file and maintainer scripts; no debhelper).
+DEB_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB := target/passthroughd_$(DEB_VERSION)_$(DEB_ARCH).deb
+deb: release
+	rm -rf target/deb && $(MAKE) --no-print-directory -s install DESTDIR=$(CURDIR)/target/deb PREFIX=/usr
+	# Debian ships binaries without debug info (the release profile keeps line tables: 100 MB).
+	strip --strip-debug target/deb$(BINDIR)/passthroughd target/deb$(BINDIR)/passthroughctl
+	mkdir -p target/deb/DEBIAN
+	sed -e 's/@VERSION@/$(DEB_VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' \
+	  -e "s/@SIZE@/$$(du -sk --exclude=DEBIAN target/deb | cut -f1)/" packaging/debian/control > target/deb/DEBIAN/control
+	install -m 0755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm target/deb/DEBIAN/
+	dpkg-deb --root-owner-group -Zgzip --build target/deb $(DEB)

@@ -9,8 +9,9 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
+use passthroughd_proto::manual;
 use passthroughd_proto::wire::{Dict, WireError, from_dict, from_dicts};
 use passthroughd_proto::{
     ApplyReport, Change, ConfigState, HostReport, IommuGroup, LeaseInfo, LeaseOwner, PciAddress,
@@ -279,7 +280,17 @@ impl Failure {
     }
 }
 
+/// The man page's hand-written sections; clap's definitions above make the rest
+/// (`passthroughctl --generate man|bash|zsh|fish`, used by `make install`).
+const MANUAL: manual::Page = manual::Page {
+    section: "1",
+    source: include_str!("../man/passthroughctl.1.in"),
+};
+
 fn main() -> ExitCode {
+    if let Some(code) = manual::generate_if_asked(Cli::command, &MANUAL) {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use passthroughd::engine::EngineOptions;
 use passthroughd::kernel::SysfsKernel;
 use passthroughd::kernel::events::{self, Source};
@@ -15,6 +15,7 @@ use passthroughd::observe::host;
 use passthroughd::service::{self, ServiceConfig, error_chain};
 use passthroughd::{Engine, EngineConfig, Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::Bus;
+use passthroughd_proto::manual;
 use passthroughd_proto::table;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -85,7 +86,17 @@ enum Command {
     },
 }
 
+/// The man page's hand-written sections; clap's definitions above make the rest
+/// (`passthroughd --generate man|bash|zsh|fish`, used by `make install`).
+const MANUAL: manual::Page = manual::Page {
+    section: "8",
+    source: include_str!("../man/passthroughd.8.in"),
+};
+
 fn main() -> ExitCode {
+    if let Some(code) = manual::generate_if_asked(Flags::command, &MANUAL) {
+        return code;
+    }
     let flags = Flags::parse();
     let root = SysfsRoot::new(&flags.sysfs_root);
     // Run by udev for every new PCI function: no logging set-up, no pci.ids, nothing it does

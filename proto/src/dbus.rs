@@ -147,7 +147,7 @@ impl Error {
         }
     }
 
-    /// The CLI exit code for this failure (DESIGN.md section 3).
+    /// The CLI exit code for this failure (docs/cli.md, "Errors and exit status").
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::NotFound(_) => exit::NOT_FOUND,
@@ -177,7 +177,7 @@ impl fmt::Display for Error {
     }
 }
 
-/// Exit codes of `passthroughctl` (DESIGN.md section 3), in one place.
+/// Exit codes of `passthroughctl` (docs/cli.md, "Errors and exit status"), in one place.
 pub mod exit {
     /// Done.
     pub const OK: u8 = 0;

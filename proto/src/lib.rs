@@ -18,5 +18,7 @@ pub use ops::{
 };
 pub mod host;
 pub mod lease;
+#[cfg(feature = "manual")]
+pub mod manual;
 pub use host::{Check, HostReport, Verdict};
 pub use lease::{LeaseInfo, LeaseOwner, OwnerKind};

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use passthroughd_proto::dbus::Bus;
@@ -14,20 +15,33 @@ pub struct TestBus {
     child: Child,
 }
 
-impl TestBus {
-    /// A session-like bus that lets anyone (any uid) connect, own names and call.
-    pub fn start() -> Self {
-        Self::with_policy(
-            r#"<policy context="default">
+/// Anyone (any uid) may connect, own names and call.
+const OPEN_POLICY: &str = r#"<policy context="default">
     <allow user="*"/>
     <allow own="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
-  </policy>"#,
-        )
+  </policy>"#;
+
+impl TestBus {
+    /// A session-like bus that lets anyone (any uid) connect, own names and call.
+    pub fn start() -> Self {
+        Self::with_policy(OPEN_POLICY)
     }
 
     pub fn with_policy(policy: &str) -> Self {
+        Self::with_policy_and_services(policy, None)
+    }
+
+    /// A bus like [`TestBus::start`] that activates services from `servicedir` (D-Bus activation
+    /// files, `[D-BUS Service]` with `Name=` and `Exec=`): a call to a name no one owns runs
+    /// that name's `Exec=` as the test's user. Files written after the start are found once the
+    /// bus reloads (`org.freedesktop.DBus.ReloadConfig`).
+    pub fn with_services(servicedir: &Path) -> Self {
+        Self::with_policy_and_services(OPEN_POLICY, Some(servicedir))
+    }
+
+    fn with_policy_and_services(policy: &str, servicedir: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         // Let an unprivileged CLI (setpriv) reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -43,10 +57,14 @@ impl TestBus {
   <type>session</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
+  {services}
   {policy}
 </busconfig>
 "#,
-                socket.display()
+                socket.display(),
+                services = servicedir
+                    .map(|d| format!("<servicedir>{}</servicedir>", d.display()))
+                    .unwrap_or_default(),
             ),
         )
         .expect("starting dbus-daemon");

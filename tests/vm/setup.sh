@@ -2,7 +2,8 @@
 # Installs what the real-kernel VM test bed needs (idempotent; a fast no-op when all is present).
 #   - Debian bookworm-backports: qemu-system-x86 (10.x), linux-image-amd64 (6.12)
 #   - Debian: busybox-static (guest DHCP), kmod, udev (guest module autoload, NIC names), pciutils,
-#     jq, iproute2, util-linux, python3-venv
+#     jq, iproute2, util-linux, python3-venv, and the tools the scenarios and the install check
+#     use (below)
 #   - PyPI: virtme-ng (pinned) in its own venv, $PT_VNG_VENV (default /opt/virtme-ng)
 # Must run as root. Works without systemd, without a TTY and without a real bootloader.
 set -euo pipefail
@@ -21,8 +22,12 @@ log() { echo "setup.sh: $*" >&2; }
 # cpu-checker + libvirt-clients (kvm-ok and virt-host-validate, compared with our host report).
 # libudev-dev + pkg-config: the daemon's udev crate builds against libudev (from backports, with
 # the same version as the backports libudev1 that udev pulls in).
+# The install check (tests/install.sh): systemd (systemd-analyze verify/security of the unit; it
+# runs without systemd as PID 1), libxml2-utils (xmllint), polkitd (polkit's policyconfig DTD),
+# libdbus-1-dev (D-Bus's introspection DTD), groff-base (rendering the man pages).
 PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv
-      dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients libudev-dev pkg-config)
+      dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients libudev-dev pkg-config
+      systemd libxml2-utils polkitd libdbus-1-dev groff-base)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.

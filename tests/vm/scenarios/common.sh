@@ -35,7 +35,7 @@ inventory_functions() {
 }
 
 # group viable members..., where viable is computed here from the kernel's driver links with the
-# rule of DESIGN.md section 4.
+# rule of docs/safety.md ("The group rule").
 kernel_groups() {
     local g m drv viable members
     for g in /sys/kernel/iommu_groups/*; do
@@ -52,7 +52,8 @@ inventory_groups() {
     jq -r '.groups[] | "\(.id) \(.viable) \(.members | join(" "))"' "$1" | sort -n
 }
 
-# Binds one function to vfio-pci the way DESIGN.md section 4 says, straight through sysfs.
+# Binds one function to vfio-pci the way docs/safety.md ("How writes are made") says, straight
+# through sysfs.
 raw_bind_vfio() {
     echo vfio-pci > "$SYS/$1/driver_override"
     [ -e "$SYS/$1/driver" ] && echo "$1" > "$SYS/$1/driver/unbind"
@@ -74,10 +75,10 @@ CTL="$PT_BIN/passthroughctl"
 STATE_DIR=/var/lib/passthroughd
 
 # A real system bus in the guest (Debian's system.conf) with the project's bus policy installed,
-# so policy and credentials work as on a host.
+# so policy and credentials work as on a host. $1: the policy file (default: the repository's).
 start_system_bus() {
     mkdir -p /run/dbus /etc/dbus-1/system.d
-    cp "$PT_REPO/systemd/org.passthroughd.Passthrough1.conf" /etc/dbus-1/system.d/
+    cp "${1:-$PT_REPO/systemd/org.passthroughd.Passthrough1.conf}" /etc/dbus-1/system.d/
     dbus-daemon --system --fork
 }
 
