@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/config.sh tests/vm/scenarios/hotplug.sh tests/vm/scenarios/blocked.sh tests/vm/scenarios/vfio-probe.sh tests/vm/scenarios/installed.sh
+VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/config.sh tests/vm/scenarios/hotplug.sh tests/vm/scenarios/blocked.sh tests/vm/scenarios/leases.sh tests/vm/scenarios/vfio-probe.sh tests/vm/scenarios/installed.sh
 # Benchmarks run the release binaries: timings of a debug build say nothing about the product.
 VM_BENCHES := tests/vm/scenarios/bench-assign.sh tests/vm/scenarios/bench-sriov.sh tests/vm/scenarios/bench-apply.sh
 
@@ -82,9 +82,13 @@ capture: setup build
 #  - the bus policy and activation file to /usr/share/dbus-1 (the system bus reads only there
 #    and in /etc/dbus-1), the polkit action to /usr/share/polkit-1/actions (polkitd's only
 #    directory for actions);
+#  - the udev rule (early claim at device add) to /usr/lib/udev/rules.d, udevd's directory for
+#    packaged rules; the libvirt hook to /etc/libvirt/hooks/qemu.d/passthroughd, the only place
+#    libvirtd looks for hooks (it takes effect at libvirtd's next start);
 #  - /etc/passthroughd, the config directory, empty: a config.toml there is the administrator's
 #    and never written (config.example.toml goes to the documentation).
-# ExecStart= of the unit and Exec= of the activation file point at PREFIX/bin.
+# ExecStart= of the unit, Exec= of the activation file, the rule's RUN and the hook's exec point
+# at PREFIX/bin.
 # `make uninstall` with the same DESTDIR and PREFIX removes exactly those files, and
 # /etc/passthroughd only when empty; the state dir (/var/lib/passthroughd, made by systemd's
 # StateDirectory=) is never touched.
@@ -99,6 +103,8 @@ FISHCOMPDIR := $(PREFIX)/share/fish/vendor_completions.d
 UNITDIR := /usr/lib/systemd/system
 DBUSDIR := /usr/share/dbus-1
 POLKITDIR := /usr/share/polkit-1/actions
+UDEVDIR := /usr/lib/udev/rules.d
+HOOKDIR := /etc/libvirt/hooks/qemu.d
 CONFDIR := /etc/passthroughd
 BUS_NAME := org.passthroughd.Passthrough1
 GEN := target/dist
@@ -108,6 +114,7 @@ INSTALLED_FILES := $(BINDIR)/passthroughd $(BINDIR)/passthroughctl \
 	$(UNITDIR)/passthroughd.service \
 	$(DBUSDIR)/system.d/$(BUS_NAME).conf $(DBUSDIR)/system-services/$(BUS_NAME).service \
 	$(POLKITDIR)/org.passthroughd.policy \
+	$(UDEVDIR)/70-passthroughd.rules $(HOOKDIR)/passthroughd \
 	$(MANDIR)/man1/passthroughctl.1 $(MANDIR)/man8/passthroughd.8 $(MANDIR)/man5/passthroughd.toml.5 \
 	$(BASHCOMPDIR)/passthroughctl $(ZSHCOMPDIR)/_passthroughctl $(FISHCOMPDIR)/passthroughctl.fish \
 	$(DOCDIR)/config.example.toml $(DOCDIR)/$(BUS_NAME).Manager.xml
@@ -122,16 +129,23 @@ install: release
 	sed 's|^Exec=/usr/bin/|Exec=$(BINDIR)/|' systemd/$(BUS_NAME).service > $(GEN)/$(BUS_NAME).service
 	grep -qx 'ExecStart=$(BINDIR)/passthroughd --bus system' $(GEN)/passthroughd.service
 	grep -qx 'Exec=$(BINDIR)/passthroughd --bus system' $(GEN)/$(BUS_NAME).service
+	sed 's|/usr/bin/passthroughd |$(BINDIR)/passthroughd |' systemd/70-passthroughd.rules > $(GEN)/70-passthroughd.rules
+	sed 's|^exec /usr/bin/passthroughctl |exec $(BINDIR)/passthroughctl |' systemd/libvirt-qemu-hook > $(GEN)/libvirt-qemu-hook
+	grep -q 'RUN+="$(BINDIR)/passthroughd claim' $(GEN)/70-passthroughd.rules
+	grep -qx 'exec $(BINDIR)/passthroughctl libvirt-hook "$$@"' $(GEN)/libvirt-qemu-hook
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSDIR)/system.d \
 	  $(DESTDIR)$(DBUSDIR)/system-services $(DESTDIR)$(POLKITDIR) $(DESTDIR)$(MANDIR)/man1 \
 	  $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(BASHCOMPDIR) \
-	  $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR) $(DESTDIR)$(DOCDIR)
+	  $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR) $(DESTDIR)$(DOCDIR) \
+	  $(DESTDIR)$(UDEVDIR) $(DESTDIR)$(HOOKDIR)
 	[ -d $(DESTDIR)$(CONFDIR) ] || install -d -m 0755 $(DESTDIR)$(CONFDIR)
 	install -m 0755 target/release/passthroughd target/release/passthroughctl $(DESTDIR)$(BINDIR)/
 	install -m 0644 $(GEN)/passthroughd.service $(DESTDIR)$(UNITDIR)/
 	install -m 0644 systemd/$(BUS_NAME).conf $(DESTDIR)$(DBUSDIR)/system.d/
 	install -m 0644 $(GEN)/$(BUS_NAME).service $(DESTDIR)$(DBUSDIR)/system-services/
 	install -m 0644 systemd/org.passthroughd.policy $(DESTDIR)$(POLKITDIR)/
+	install -m 0644 $(GEN)/70-passthroughd.rules $(DESTDIR)$(UDEVDIR)/
+	install -m 0755 $(GEN)/libvirt-qemu-hook $(DESTDIR)$(HOOKDIR)/passthroughd
 	install -m 0644 $(GEN)/passthroughctl.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 0644 daemon/man/passthroughd.toml.5 $(DESTDIR)$(MANDIR)/man5/
 	install -m 0644 $(GEN)/passthroughd.8 $(DESTDIR)$(MANDIR)/man8/
@@ -143,7 +157,7 @@ install: release
 ## uninstall: remove what install put (same DESTDIR and PREFIX); keeps /etc/passthroughd/config.toml
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
-	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) 2>/dev/null || true
+	rmdir --ignore-fail-on-non-empty $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(HOOKDIR) 2>/dev/null || true
 
 ## install-check: install into temporary trees and check them file by file (tests/install.sh)
 install-check: release

@@ -45,7 +45,8 @@ done
 FIXED=(/usr/lib/systemd/system/passthroughd.service /lib/systemd/system/passthroughd.service
     /etc/systemd/system/passthroughd.service /usr/share/dbus-1/system.d/$BUS.conf
     /usr/share/dbus-1/system-services/$BUS.service /usr/share/polkit-1/actions/org.passthroughd.policy
-    /usr/bin/passthroughd /usr/local/bin/passthroughd /etc/passthroughd)
+    /usr/bin/passthroughd /usr/local/bin/passthroughd /etc/passthroughd
+    /usr/lib/udev/rules.d/70-passthroughd.rules /etc/libvirt/hooks/qemu.d/passthroughd)
 snapshot() { local f; for f in "${FIXED[@]}"; do stat -c '%n %s %Y' "$f" 2>/dev/null || echo "$f absent"; done; }
 fixed_before="$(snapshot)"
 
@@ -64,7 +65,9 @@ $p/share/man/man1/passthroughctl.1 644
 $p/share/man/man5/passthroughd.toml.5 644
 $p/share/man/man8/passthroughd.8 644
 $p/share/zsh/vendor-completions/_passthroughctl 644
+etc/libvirt/hooks/qemu.d/passthroughd 755
 usr/lib/systemd/system/passthroughd.service 644
+usr/lib/udev/rules.d/70-passthroughd.rules 644
 usr/share/dbus-1/system-services/$BUS.service 644
 usr/share/dbus-1/system.d/$BUS.conf 644
 usr/share/polkit-1/actions/org.passthroughd.policy 644
@@ -220,6 +223,10 @@ expect_eq usr-local-unit-execstart "$(sed -n 's/^ExecStart=//p' "$L/usr/lib/syst
     "/usr/local/bin/passthroughd --bus system"
 expect_eq usr-local-activation-exec "$(sed -n 's/^Exec=//p' "$L/usr/share/dbus-1/system-services/$BUS.service")" \
     "/usr/local/bin/passthroughd --bus system"
+check usr-local-udev-rule-runs-prefix grep -q 'RUN+="/usr/local/bin/passthroughd claim $kernel"' \
+    "$L/usr/lib/udev/rules.d/70-passthroughd.rules"
+check usr-local-libvirt-hook-runs-prefix grep -qx 'exec /usr/local/bin/passthroughctl libvirt-hook "$@"' \
+    "$L/etc/libvirt/hooks/qemu.d/passthroughd"
 check usr-local-uninstall mk uninstall DESTDIR="$L" PREFIX=/usr/local
 expect_eq usr-local-uninstall-removes-every-file "$(tree "$L")" ""
 check usr-local-uninstall-removes-empty-confdir test ! -e "$L/etc/passthroughd"

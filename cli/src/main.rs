@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use passthroughd_proto::dbus::{self, Bus, ManagerProxy, exit};
 use passthroughd_proto::manual;
+use passthroughd_proto::vfio::{FunctionDetail, VerifyReport};
 use passthroughd_proto::wire::{Dict, WireError, from_dict, from_dicts};
 use passthroughd_proto::{
     ApplyReport, Change, ConfigState, HostReport, IommuGroup, LeaseInfo, LeaseOwner, PciAddress,
@@ -85,6 +86,10 @@ enum Command {
         /// Keep the persisted assignment; it comes back at next start.
         #[arg(long)]
         runtime: bool,
+        /// Reset each function through VFIO before it goes back (FLR or the kernel's other
+        /// methods); a function that cannot be reset stays on vfio-pci and the release fails.
+        #[arg(long)]
+        reset: bool,
     },
     /// Reconcile the host with the declarative config and stored requests now. What is not
     /// refused is done; exit 5 when anything was refused or failed. A second apply finds
@@ -125,6 +130,15 @@ enum Command {
         /// Longest wait for the daemon; a start given up on is ended again.
         #[arg(long, value_name = "SECONDS", default_value_t = 45)]
         timeout: u64,
+    },
+    /// Open a function through VFIO the way a VMM would (container, group, IOMMU backend,
+    /// device) and report what a VM would get: group viability and what blocks it, interrupt
+    /// remapping, regions, interrupts, reset. Exit 0 only when it is ready for a VM, 5
+    /// otherwise. Refused without opening anything while it is leased or held open.
+    Verify {
+        /// DDDD:BB:DD.F or BB:DD.F
+        #[arg(value_name = "ADDR")]
+        address: String,
     },
     /// Daemon version, uptime, assignments and recent errors.
     Status,
@@ -409,7 +423,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     }
     // Validate everything we can before touching the bus.
     let addresses = match &cli.command {
-        Command::Show { address, .. } => parse_addresses(std::slice::from_ref(address))?,
+        Command::Show { address, .. } | Command::Verify { address } => {
+            parse_addresses(std::slice::from_ref(address))?
+        }
         Command::Assign { addresses, .. }
         | Command::Release { addresses, .. }
         | Command::Lease {
@@ -456,13 +472,14 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             ..
         } => {
             let what = format!("show {first}");
-            let function: PciFunction = one(&what, proxy.show(first).await)?;
+            let detail: FunctionDetail = one(&what, proxy.show(first).await)?;
             let vmm = match (qemu, libvirt, cloud_hypervisor) {
                 (true, _, _) => snippets::Vmm::Qemu,
                 (_, true, _) => snippets::Vmm::Libvirt,
                 (_, _, true) => snippets::Vmm::CloudHypervisor,
-                _ => return render(json, &function, table::function_detail),
+                _ => return render(json, &detail, table::function_show),
             };
+            let function = detail.function;
             let rows = proxy
                 .list_functions()
                 .await
@@ -486,9 +503,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 list(&what, proxy.assign(&refs, *runtime, *group, *force).await)?;
             render(json, changes.as_slice(), table::changes)
         }
-        Command::Release { runtime, .. } => {
+        Command::Release { runtime, reset, .. } => {
             let what = format!("release {}", refs.join(" "));
-            let changes: Vec<Change> = list(&what, proxy.release(&refs, *runtime).await)?;
+            let changes: Vec<Change> = list(&what, proxy.release(&refs, *runtime, *reset).await)?;
             render(json, changes.as_slice(), table::changes)
         }
         Command::Vf { command } => match command {
@@ -572,6 +589,23 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 render(json, changes.as_slice(), table::changes)
             }
         },
+        Command::Verify { .. } => {
+            let what = format!("verify {first}");
+            let report: VerifyReport = one(&what, proxy.verify(first).await)?;
+            let text = render(json, &report, table::verify)?;
+            match &report.problem {
+                None => Ok(text),
+                // The report is the output; the exit status says the device is not ready.
+                Some(why) => Err(Failure {
+                    what,
+                    why: format!("not ready for a VM: {why}"),
+                    name: "Refused".into(),
+                    code: exit::REFUSED,
+                    output: None,
+                }
+                .with_output(text)),
+            }
+        }
         Command::LibvirtHook { .. } => Ok(String::new()), // handled above
         Command::Status => {
             let status: Status = one("reading the status", proxy.status().await)?;

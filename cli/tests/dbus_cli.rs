@@ -57,10 +57,21 @@ fn list_groups_and_show_print_the_tree() {
     );
     let o = h.ctl(&["show", &short]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(stdout(&o), table::function_detail(vf));
+    assert!(
+        stdout(&o).starts_with(&table::function_detail(vf)),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("vf of"));
+    assert!(stdout(&o).contains("passthrough"), "the readiness line");
     let o = h.ctl(&["--json", "show", &vf.address.to_string()]);
-    assert_eq!(json(&o), serde_json::to_value(vf).unwrap());
+    let mut shown = json(&o);
+    assert_eq!(
+        shown["passthrough"]["ready"],
+        vf.driver.as_deref() == Some("vfio-pci")
+    );
+    shown.as_object_mut().unwrap().remove("passthrough");
+    assert_eq!(shown, serde_json::to_value(vf).unwrap());
 
     let o = h.ctl(&["--json", "status"]);
     assert_eq!(json(&o)["version"], "test");
@@ -387,8 +398,8 @@ fn bad_dbus_calls_get_error_names() {
             invalid
         );
         assert_eq!(name(proxy.assign(&["00:01.3", "x"], false, false, false).await.map(drop)), invalid);
-        assert_eq!(name(proxy.release(&[], false).await.map(drop)), invalid);
-        assert_eq!(name(proxy.release(&["/sys/bus"], true).await.map(drop)), invalid);
+        assert_eq!(name(proxy.release(&[], false, false).await.map(drop)), invalid);
+        assert_eq!(name(proxy.release(&["/sys/bus"], true, false).await.map(drop)), invalid);
         let err = proxy.show("0000:01:20.0").await.unwrap_err();
         assert_eq!(err.to_string(), "PCI address \"0000:01:20.0\": device 0x20 is out of range (0x00 to 0x1f)");
 
@@ -690,4 +701,33 @@ fn reads_share_a_bounded_pool_and_are_refused_at_once_when_it_is_full() {
         assert!(t.elapsed() < Duration::from_millis(500));
     });
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn verify_prints_the_report_and_exits_by_readiness_and_needs_authorization() {
+    let h = Harness::start();
+    let address = h.inventory().functions[3].address.to_string();
+    let out = h.ctl(&["verify", &address]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ready for a VM"), "{}", stdout(&out));
+    let out = h.ctl(&["--json", "verify", &address]);
+    let doc = json(&out);
+    assert_eq!(doc["ready"], true);
+    assert_eq!(doc["reset_methods"][0], "flr");
+    assert!(
+        matches!(&h.engine.calls()[0], Call::Verify(c, a) if c.uid == 0 && a.to_string() == address)
+    );
+    *h.engine.script.lock().unwrap() = Script::Busy;
+    let out = h.ctl(&["verify", &address]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let calls = h.engine.calls().len();
+    let out = h.ctl_as_nobody(&["verify", &address]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        h.engine.calls().len(),
+        calls,
+        "a denied caller reaches nothing"
+    );
+    let out = h.ctl(&["verify", "not-an-address"]);
+    assert_eq!(out.status.code(), Some(2));
 }

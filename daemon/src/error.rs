@@ -133,6 +133,9 @@ pub enum Error {
         operation: String,
         cause: Box<Error>,
     },
+    /// Opening or resetting a device through VFIO failed.
+    #[error(transparent)]
+    Vfio(#[from] crate::kernel::vfio::VfioError),
     #[error("starting a thread for the operation")]
     Thread(#[source] std::io::Error),
     #[error("encoding the reply")]
@@ -151,6 +154,7 @@ impl Error {
             Self::Busy(_) | Self::Cancelled(_) | Self::Stalled { .. } => ErrorKind::Busy,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Self::RolledBack { cause, .. } | Self::InStep { cause, .. } => cause.kind(),
+            Self::Vfio(e) => e.kind(),
             Self::Inventory(_)
             | Self::Read(_)
             | Self::Write { .. }

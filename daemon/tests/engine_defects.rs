@@ -575,7 +575,8 @@ fn a_vfio_device_fd_without_its_group_is_found_and_named() {
     assert_eq!(host.sim.writes().len(), writes, "nothing written");
     m.release(&caller(), &[vf1], ReleaseOptions::default())
         .unwrap();
-    // An older kernel says nothing about which device: every function on vfio-pci may be it.
+    // An older kernel (6.12) says nothing about which device: a function on vfio-pci is held
+    // unless its group node opens (the kernel answers EBUSY for a held group).
     std::fs::remove_dir_all(host.root().proc_dir().join("4343")).unwrap();
     host.sim
         .add_vfio_device_holder(4444, "qemu", 9, None)
@@ -584,6 +585,14 @@ fn a_vfio_device_fd_without_its_group_is_found_and_named() {
         .release(&caller(), &[vf0], ReleaseOptions::default())
         .unwrap_err();
     assert!(err.to_string().contains("qemu (pid 4444)"), "{err}");
+    // Its group node opens: nobody holds it, whatever that fd is.
+    let group = m.vf_list(a(PF)).unwrap()[0].iommu_group.unwrap();
+    let group = host.sim.sysfs().vfio_group_node(group);
+    std::fs::create_dir_all(group.parent().unwrap()).unwrap();
+    std::fs::write(&group, "").unwrap();
+    m.release(&caller(), &[vf0], ReleaseOptions::default())
+        .unwrap();
+    assert_eq!(host.sim.driver_of(vf0).as_deref(), Some("igbvf"));
 }
 
 // --- item 11: a resize never silently takes assigned VFs off vfio-pci ---

@@ -110,8 +110,15 @@ fn a_runtime_release_keeps_the_persisted_assignment() {
     let (m, _) = host.open();
     m.assign(&caller(), &[a(NIC)], AssignOptions::default())
         .unwrap();
-    m.release(&caller(), &[a(NIC)], ReleaseOptions { runtime: true })
-        .unwrap();
+    m.release(
+        &caller(),
+        &[a(NIC)],
+        ReleaseOptions {
+            runtime: true,
+            reset: false,
+        },
+    )
+    .unwrap();
     assert_eq!(host.driver(NIC).as_deref(), Some("igb"));
     assert!(host.state_text().contains(NIC));
     drop(m);

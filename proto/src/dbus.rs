@@ -38,8 +38,11 @@ pub trait Manager {
     /// Every IOMMU group, sorted by number ([`crate::IommuGroup`] each).
     fn list_groups(&self) -> Result<Vec<Dict>, Error>;
 
-    /// One function in full ([`crate::PciFunction`]).
+    /// One function in full, with its passthrough readiness ([`crate::vfio::FunctionDetail`]).
     fn show(&self, address: &str) -> Result<Dict, Error>;
+
+    /// The function opened through VFIO as a VMM would ([`crate::vfio::VerifyReport`]).
+    fn verify(&self, address: &str) -> Result<Dict, Error>;
 
     /// Binds each function (with `group`, its whole IOMMU group) to vfio-pci, all or nothing.
     /// Returns the functions whose driver changed ([`crate::Change`] each).
@@ -51,8 +54,9 @@ pub trait Manager {
         force: bool,
     ) -> Result<Vec<Dict>, Error>;
 
-    /// Returns each function to the driver it had before assignment.
-    fn release(&self, addresses: &[&str], runtime: bool) -> Result<Vec<Dict>, Error>;
+    /// Returns each function to the driver it had before assignment; with `reset`, resets it
+    /// through VFIO first (a function that cannot be reset stays on vfio-pci: Refused).
+    fn release(&self, addresses: &[&str], runtime: bool, reset: bool) -> Result<Vec<Dict>, Error>;
 
     /// Daemon version, uptime, assignments and where they come from, the config, operations
     /// in flight and recent errors ([`crate::Status`]).

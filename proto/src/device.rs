@@ -54,6 +54,10 @@ pub struct PciFunction {
     pub sriov: Option<SriovPf>,
     /// Set when this function is an SR-IOV virtual function.
     pub vf_of: Option<VfOf>,
+    /// The process holding it open through VFIO, "comm (pid N, VM name)": filled in by the
+    /// daemon for `list`, `show` and `vf list`, not by a scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use_by: Option<String>,
 }
 
 impl PciFunction {

@@ -20,5 +20,6 @@ pub mod host;
 pub mod lease;
 #[cfg(feature = "manual")]
 pub mod manual;
+pub mod vfio;
 pub use host::{Check, HostReport, Verdict};
 pub use lease::{LeaseInfo, LeaseOwner, OwnerKind};

@@ -32,6 +32,9 @@ pub struct VfCreateOptions {
 pub struct ReleaseOptions {
     /// Release only for now: keep the persisted assignment, which comes back at next start.
     pub runtime: bool,
+    /// Reset each function through VFIO before it goes back to its host driver (the config's
+    /// `[release] reset = "always"` does it for every release).
+    pub reset: bool,
 }
 
 /// What an operation did to one function.

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::vfio::{FunctionDetail, NodeAccess, VerifyReport};
 use crate::{
     ApplyReport, Change, ConfigState, IommuGroup, LeaseInfo, PciFunction, Refusal, Status,
 };
@@ -26,11 +27,14 @@ pub fn functions(functions: &[PciFunction]) -> String {
         .copied()
         .collect::<Vec<_>>()
         .join(": ");
-        let description = if description.is_empty() {
+        let mut description = if description.is_empty() {
             format!("class {:06x}", f.class)
         } else {
             description
         };
+        if let Some(who) = &f.in_use_by {
+            description.push_str(&format!(" [in use by {who}]"));
+        }
         let _ = writeln!(
             out,
             "{:<14} {:04x}:{:04x}  {:<12} {:<6} {:<9} {}",
@@ -108,6 +112,134 @@ pub fn function_detail(f: &PciFunction) -> String {
     }
     if let Some(vf) = f.vf_of {
         line("vf of", format!("{} (index {})", vf.pf, vf.index));
+    }
+    if let Some(who) = &f.in_use_by {
+        line("in use by", who.clone());
+    }
+    out
+}
+
+/// `show`: the function, then whether a VM could be given it now.
+pub fn function_show(d: &FunctionDetail) -> String {
+    let mut out = function_detail(&d.function);
+    let p = &d.passthrough;
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "{key:<16} {value}");
+    };
+    line(
+        "passthrough",
+        match &p.blocker {
+            None => "ready (passthroughctl verify opens it through VFIO to prove it)".into(),
+            Some(why) => format!("not ready: {why}"),
+        },
+    );
+    line(
+        "reset methods",
+        if p.reset_methods.is_empty() {
+            "none: state may leak from one VM to the next".into()
+        } else {
+            p.reset_methods.join(" ")
+        },
+    );
+    if let Some(variant) = &p.variant_driver {
+        line(
+            "variant driver",
+            format!("{variant} (driver = \"auto\" binds it)"),
+        );
+    }
+    if let Some(node) = &p.group_node {
+        line("group node", node_line(node));
+    }
+    out
+}
+
+fn node_line(n: &NodeAccess) -> String {
+    format!("{} owner {}:{} mode {}", n.path, n.uid, n.gid, n.mode)
+}
+
+/// `verify`: the verdict first, then what VFIO said.
+pub fn verify(r: &VerifyReport) -> String {
+    let mut out = match &r.problem {
+        None => format!("{}: ready for a VM\n", r.address),
+        Some(why) => format!("{}: NOT ready: {why}\n", r.address),
+    };
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "  {key:<20} {value}");
+    };
+    line("driver", r.driver.clone().unwrap_or_else(|| "-".into()));
+    let group = r.iommu_group.map_or_else(|| "-".into(), |g| g.to_string());
+    let viable = if r.group_viable {
+        "viable".to_owned()
+    } else {
+        let blockers: Vec<String> = r
+            .group_blockers
+            .iter()
+            .map(|b| format!("{} is bound to {}", b.member, b.driver))
+            .collect();
+        format!("NOT viable: {}", blockers.join(", "))
+    };
+    line("iommu group", format!("{group} ({viable})"));
+    if let Some(remapped) = r.interrupt_remapping {
+        line(
+            "interrupt remapping",
+            if remapped {
+                "the IOMMU took the group"
+            } else {
+                "missing: the kernel refused the group"
+            }
+            .into(),
+        );
+    }
+    if let Some(node) = &r.group_node {
+        line("group node", node_line(node));
+    }
+    line(
+        "iommufd node",
+        r.iommufd_node.clone().unwrap_or_else(|| "none".into()),
+    );
+    if let Some(d) = &r.device {
+        line("iommu backend", d.iommu_backend.to_string());
+        for region in d.regions.iter().filter(|g| g.size > 0) {
+            let flags: Vec<&str> = [
+                (region.flags.read, "read"),
+                (region.flags.write, "write"),
+                (region.flags.mmap, "mmap"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| *name)
+            .collect();
+            line(
+                &format!("region {}", region.name),
+                format!("{} bytes ({})", region.size, flags.join(", ")),
+            );
+        }
+        let irqs: Vec<String> = d
+            .irqs
+            .iter()
+            .map(|i| format!("{} {}", i.name, i.count))
+            .collect();
+        line("interrupts", irqs.join(", "));
+        line(
+            "reset",
+            if d.flags.reset {
+                "supported"
+            } else {
+                "NOT supported"
+            }
+            .into(),
+        );
+    }
+    line(
+        "reset methods",
+        if r.reset_methods.is_empty() {
+            "none".into()
+        } else {
+            r.reset_methods.join(" ")
+        },
+    );
+    for note in &r.notes {
+        let _ = writeln!(out, "  note: {note}");
     }
     out
 }

@@ -210,6 +210,7 @@ pub struct FunctionRow {
     pub sriov_drivers_autoprobe: bool,
     pub vf_pf: String,
     pub vf_index: u32,
+    pub in_use_by: String,
 }
 
 impl From<&PciFunction> for FunctionRow {
@@ -236,6 +237,7 @@ impl From<&PciFunction> for FunctionRow {
             sriov_drivers_autoprobe: f.sriov.is_some_and(|s| s.drivers_autoprobe),
             vf_pf: f.vf_of.map(|v| v.pf.to_string()).unwrap_or_default(),
             vf_index: f.vf_of.map_or(0, |v| v.index),
+            in_use_by: text(&f.in_use_by),
         }
     }
 }
@@ -283,6 +285,7 @@ impl TryFrom<FunctionRow> for PciFunction {
             boot_vga: r.boot_vga,
             sriov,
             vf_of,
+            in_use_by: text(r.in_use_by),
         })
     }
 }
@@ -328,13 +331,14 @@ mod tests {
                 pf: "0000:01:00.0".parse().unwrap(),
                 index: 1,
             }),
+            in_use_by: Some("qemu-system-x86 (pid 4242, VM win11)".into()),
         }
     }
 
     #[test]
     fn signatures_are_dicts_and_rows() {
         assert_eq!(Dict::SIGNATURE.to_string(), "a{sv}");
-        assert_eq!(FunctionRow::SIGNATURE.to_string(), "(sqqqqusssssxxbuubsu)");
+        assert_eq!(FunctionRow::SIGNATURE.to_string(), "(sqqqqusssssxxbuubsus)");
     }
 
     #[test]

@@ -401,6 +401,7 @@ fn function(vendor: u16, device: u16, sub: (u16, u16), class: u32) -> PciFunctio
         boot_vga: false,
         sriov: None,
         vf_of: None,
+        in_use_by: None,
     }
 }
 

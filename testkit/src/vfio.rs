@@ -9,8 +9,8 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 use passthroughd::kernel::vfio::{
-    DeviceFlags, DeviceInfo, IommuBackend, IrqFlags, IrqInfo, RegionFlags, RegionInfo, Vfio,
-    VfioError, irq_name, region_name,
+    DeviceFlags, DeviceInfo, IommuBackend, IrqInfo, RegionInfo, Vfio, VfioError, irq_flags,
+    irq_name, region_flags, region_name,
 };
 use passthroughd_proto::PciAddress;
 
@@ -147,7 +147,7 @@ fn region(index: u32, size: u64, flags: u32) -> RegionInfo {
         index,
         name: region_name(true, index),
         size,
-        flags: RegionFlags::from_bits(flags),
+        flags: region_flags(flags),
     }
 }
 
@@ -156,7 +156,7 @@ fn irq(index: u32, count: u32, flags: u32) -> IrqInfo {
         index,
         name: irq_name(true, index),
         count,
-        flags: IrqFlags::from_bits(flags),
+        flags: irq_flags(flags),
     }
 }
 

@@ -19,7 +19,8 @@ log() { echo "setup.sh: $*" >&2; }
 
 # Scenario tools: dbus (a real system bus in the guest), strace (kills the daemon at an exact
 # sysfs write), e2fsprogs (a mounted disk for the guard), dpdk + driverctl (benchmark baselines),
-# cpu-checker + libvirt-clients (kvm-ok and virt-host-validate, compared with our host report).
+# cpu-checker + libvirt-clients (kvm-ok and virt-host-validate, compared with our host report);
+# libvirt-daemon + its QEMU driver: a real libvirtd runs our hook in leases.sh.
 # libudev-dev + pkg-config: the daemon's udev crate builds against libudev (from backports, with
 # the same version as the backports libudev1 that udev pulls in).
 # The install check (tests/install.sh): systemd (systemd-analyze verify/security of the unit; it
@@ -27,7 +28,8 @@ log() { echo "setup.sh: $*" >&2; }
 # libdbus-1-dev (D-Bus's introspection DTD), groff-base (rendering the man pages).
 PKGS=(qemu-system-x86 linux-image-amd64 busybox-static kmod udev pciutils jq iproute2 util-linux python3-venv
       dbus strace e2fsprogs dpdk driverctl cpu-checker libvirt-clients libudev-dev pkg-config
-      systemd libxml2-utils polkitd libdbus-1-dev groff-base)
+      systemd libxml2-utils polkitd libdbus-1-dev groff-base
+      libvirt-daemon libvirt-daemon-driver-qemu)
 
 kernel_image() {
     # Newest 6.12+ Debian kernel image in /boot.

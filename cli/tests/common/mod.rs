@@ -13,6 +13,7 @@ use passthroughd::error::Error;
 use passthroughd::observe::host;
 use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd_proto::vfio::{FunctionDetail, Readiness, VerifyReport};
 use passthroughd_proto::{
     ApplyReport, AssignOptions, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner, PciAddress,
     ReleaseOptions, Status, VfCreateOptions, VfInfo,
@@ -43,6 +44,7 @@ pub enum Call {
     VfDestroy(Caller, PciAddress, bool),
     LeaseStart(Caller, LeaseOwner, Vec<PciAddress>),
     LeaseEnd(Caller, LeaseOwner),
+    Verify(Caller, PciAddress),
 }
 
 /// How the scripted engine answers mutations.
@@ -260,6 +262,46 @@ impl Backend for ScriptedEngine {
         let held = held.ok_or_else(|| Error::NoLease(owner.clone()))?;
         let taken: Vec<PciAddress> = held.functions.iter().map(|f| f.parse().unwrap()).collect();
         Ok(self.changes(&taken, false))
+    }
+    /// The inventory's function; readiness from what it says about the driver only.
+    fn show(&self, address: PciAddress) -> Result<FunctionDetail, Error> {
+        let function = self
+            .inventory()?
+            .function(address)
+            .cloned()
+            .ok_or(Error::NoSuchDevice(address))?;
+        let on_vfio = function.driver.as_deref() == Some("vfio-pci");
+        Ok(FunctionDetail {
+            passthrough: Readiness {
+                ready: on_vfio,
+                blocker: (!on_vfio).then(|| "it is not on vfio-pci".to_owned()),
+                ..Readiness::default()
+            },
+            function,
+        })
+    }
+    /// Ready when the script succeeds; the script's error otherwise.
+    fn verify(&self, caller: &Caller, address: PciAddress) -> Result<VerifyReport, Error> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::Verify(caller.clone(), address));
+        self.answer(&[address], true)?;
+        Ok(VerifyReport {
+            address,
+            ready: true,
+            problem: None,
+            driver: Some("vfio-pci".into()),
+            iommu_group: Some(1),
+            group_viable: true,
+            group_blockers: Vec::new(),
+            interrupt_remapping: Some(true),
+            iommufd_node: None,
+            group_node: None,
+            device: None,
+            reset_methods: vec!["flr".into()],
+            notes: Vec::new(),
+        })
     }
     /// One lease per owner that started one and did not end it.
     fn leases(&self) -> Result<Vec<LeaseInfo>, Error> {

@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::kernel::driver::{Drivers, Progress};
 use crate::kernel::sysfs::SysfsRoot;
 use crate::kernel::sysfs::read_link_name;
+use crate::kernel::vfio::Vfio;
 use crate::observe::guard::{AddressProvider, HostSnapshot, Severity};
 use crate::observe::inventory::Inventory;
 use crate::observe::pciids::PciIds;
@@ -126,6 +127,7 @@ pub struct Executor {
     stopping: AtomicBool,
     /// Test failpoint: the daemon "dies" before running step N of its next plan.
     die_before_step: Option<usize>,
+    vfio: Arc<dyn Vfio>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -150,6 +152,8 @@ pub struct ExecutorSetup {
     pub group_wait: Duration,
     /// Test failpoint (see [`crate::engine::EngineOptions::die_before_step`]).
     pub die_before_step: Option<usize>,
+    /// For [`Step::Reset`].
+    pub vfio: Arc<dyn Vfio>,
 }
 
 impl Executor {
@@ -164,6 +168,7 @@ impl Executor {
             write_timeout: setup.write_timeout,
             vf_wait: setup.vf_wait,
             group_wait: setup.group_wait,
+            vfio: setup.vfio,
             next_id: AtomicU64::new(0),
             running: Mutex::new(Vec::new()),
             idle: Condvar::new(),
@@ -674,6 +679,18 @@ impl Executor {
                 guard.extend(keys, &plan.operation.to_string(), self.group_wait)?;
                 Ok(None)
             }
+            Step::Reset { target } => {
+                let address = self.resolve(drivers, target)?;
+                let group = self.group_of(address)?;
+                in_step(
+                    target,
+                    "resetting",
+                    self.vfio
+                        .reset(group, address)
+                        .map_err(Error::from)
+                        .map(|()| None),
+                )
+            }
             Step::Claim(_) | Step::Unclaim(_) | Step::SetVfs { .. } => Err(Error::Failed(
                 "a record step reached the kernel path; this is a bug".into(),
             )),
@@ -908,7 +925,7 @@ impl Executor {
     fn undo_step(&self, step: &Step, drivers: &Drivers) -> Result<Option<PciAddress>, Error> {
         let existing = |target: &Target| self.resolve(drivers, target).ok();
         match step {
-            Step::Guard { .. } | Step::LoadVfio => Ok(None),
+            Step::Guard { .. } | Step::LoadVfio | Step::Reset { .. } => Ok(None),
             Step::Bind { target, from } => {
                 let Some(address) = existing(target) else {
                     return Ok(None);
@@ -1014,6 +1031,14 @@ impl Executor {
                 Ok(group.map_or(LockKey::Function(address), LockKey::Group))
             })
             .collect()
+    }
+
+    /// The IOMMU group of a function, for VFIO.
+    fn group_of(&self, address: PciAddress) -> Result<u32, Error> {
+        let link = self.root.pci_device_attr(address, "iommu_group");
+        read_link_name(&link)?
+            .and_then(|name| name.parse().ok())
+            .ok_or_else(|| Error::Failed(format!("{address} is in no IOMMU group")))
     }
 
     /// The hard safety rules and "in use" for `functions` (that still exist), now.

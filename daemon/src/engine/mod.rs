@@ -22,6 +22,7 @@ mod apply;
 mod leases;
 mod readers;
 mod requests;
+mod verify;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,7 @@ use crate::kernel::Kernel;
 use crate::kernel::driver::{Drivers, InFlight, VFIO_PCI};
 use crate::kernel::sysfs::SysfsRoot;
 use crate::kernel::sysfs::read_link_name;
+use crate::kernel::vfio::{SystemVfio, Vfio};
 use crate::observe::guard::{AddressProvider, HostSnapshot, StaticAddresses, SystemAddresses};
 use crate::observe::inventory::Avoid;
 use crate::observe::inventory::Inventory;
@@ -138,6 +140,8 @@ pub struct EngineOptions {
     /// engine then takes no more plans; opening the state again is the restart. `None` (the
     /// default, and what the daemon uses) never dies.
     pub die_before_step: Option<usize>,
+    /// VFIO access for `verify` and resets (the kernel's, or a fake in tests).
+    pub vfio: Arc<dyn Vfio>,
 }
 
 /// How long a caller waits for one sysfs write before it is told the write is pending.
@@ -172,6 +176,7 @@ impl EngineOptions {
             group_wait: DEFAULT_GROUP_WAIT,
             vf_wait: DEFAULT_VF_WAIT,
             die_before_step: None,
+            vfio: Arc::new(SystemVfio::new(root.clone())),
         }
     }
 }
@@ -269,6 +274,7 @@ impl Engine {
             vf_wait: options.vf_wait,
             group_wait: options.group_wait,
             die_before_step: options.die_before_step,
+            vfio: Arc::clone(&options.vfio),
         });
         let slot = match &config.config {
             Some(path) => ConfigSlot::open(path, &config.state_dir),

@@ -169,6 +169,10 @@ pub enum Step {
         target: Target,
         from: Option<String>,
     },
+    /// A device reset through VFIO (`VFIO_DEVICE_RESET`) while it is still on vfio-pci, so
+    /// nothing a VM left in it reaches the host driver. Undo: nothing (a reset cannot be undone,
+    /// and the device stays on vfio-pci when a later step fails).
+    Reset { target: Target },
     /// vfio-pci → `to` (`None`: the kernel's choice). Undo: back on vfio-pci.
     Unbind { target: Target, to: Option<String> },
     /// Off vfio-pci without probing a host driver: the VF is about to go away. Undo: back on

@@ -16,6 +16,25 @@ impl Engine {
         Ok(Inventory::scan_with(&self.root, &self.ids, &avoid)?)
     }
 
+    /// The inventory with the process holding each function on a VFIO driver (one walk of
+    /// `/proc`, only when some function is on one), for `list` and `show`.
+    fn inventory_with_holders(&self) -> Result<Inventory, Error> {
+        let mut inventory = self.inventory()?;
+        let on_vfio: Vec<&PciFunction> = inventory
+            .functions
+            .iter()
+            .filter(|f| driver_is_vfio(f.driver.as_deref()))
+            .collect();
+        if on_vfio.is_empty() {
+            return Ok(inventory);
+        }
+        let mut holders = HostSnapshot::holders(&self.root, &on_vfio);
+        for f in &mut inventory.functions {
+            f.in_use_by = holders.remove(&f.address);
+        }
+        Ok(inventory)
+    }
+
     /// Whether a write on `address` (or on its PF's VF count) is in flight.
     pub(super) fn write_in_flight(&self, address: PciAddress) -> bool {
         self.in_flight.contains(address)
@@ -39,7 +58,7 @@ impl Engine {
             })
         };
         if !self.cache_enabled.load(Ordering::Acquire) {
-            let inventory = Arc::new(self.inventory()?);
+            let inventory = Arc::new(self.inventory_with_holders()?);
             *lock(&self.cached) = Some((u64::MAX, Instant::now(), Arc::clone(&inventory)));
             return Ok(inventory);
         }
@@ -53,7 +72,7 @@ impl Engine {
             return Ok(inventory);
         }
         let started = Instant::now();
-        let scanned = Arc::new(self.inventory()?);
+        let scanned = Arc::new(self.inventory_with_holders()?);
         *lock(&self.cached) = Some((generation, started, Arc::clone(&scanned)));
         Ok(scanned)
     }

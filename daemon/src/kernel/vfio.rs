@@ -27,191 +27,68 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use passthroughd_proto::PciAddress;
-use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio as uapi;
 
 use crate::error::ErrorKind;
 use crate::kernel::sysfs::SysfsRoot;
 
-/// What VFIO says about one device, opened the way a VMM opens it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceInfo {
-    /// From `VFIO_DEVICE_GET_INFO`.
-    pub flags: DeviceFlags,
-    /// Every region the kernel reports, by index; a BAR the device does not implement has size 0.
-    /// Indexes the kernel answers EINVAL for (the VGA region of a non-VGA device) are left out.
-    pub regions: Vec<RegionInfo>,
-    /// Every interrupt type the kernel reports, by index; a count of 0 means none of that type
-    /// (a VF has no INTx). Indexes the kernel answers EINVAL for (ERR on a conventional PCI
-    /// device) are left out.
-    pub irqs: Vec<IrqInfo>,
-    /// The IOMMU backend the container was set to.
-    pub iommu_backend: IommuBackend,
-}
+pub use passthroughd_proto::vfio::{
+    DeviceFlags, DeviceInfo, IommuBackend, IrqFlags, IrqInfo, RegionFlags, RegionInfo, irq_name,
+    region_name,
+};
 
 /// `vfio_device_info.flags`, decoded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceFlags {
-    /// A PCI device (`VFIO_DEVICE_FLAGS_PCI`): regions and IRQs have PCI meanings.
-    pub pci: bool,
-    /// `VFIO_DEVICE_RESET` is supported: vfio-pci's reset when it opened the device worked. This,
-    /// not sysfs `reset_method`, is the answer: `reset_method` is probed when the device is
-    /// enumerated, and can list `bus` while a sibling found later shares the bus (the e1000 of
-    /// tests/vm/scenarios/vfio-probe.sh).
-    pub reset: bool,
-}
-
-impl DeviceFlags {
-    pub fn from_bits(bits: u32) -> Self {
-        Self {
-            pci: bits & uapi::VFIO_DEVICE_FLAGS_PCI != 0,
-            reset: bits & uapi::VFIO_DEVICE_FLAGS_RESET != 0,
-        }
+pub fn device_flags(bits: u32) -> DeviceFlags {
+    DeviceFlags {
+        pci: bits & uapi::VFIO_DEVICE_FLAGS_PCI != 0,
+        reset: bits & uapi::VFIO_DEVICE_FLAGS_RESET != 0,
     }
-}
-
-/// One region of a device (`VFIO_DEVICE_GET_REGION_INFO`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionInfo {
-    pub index: u32,
-    /// `BAR0`..`BAR5`, `ROM`, `CONFIG`, `VGA` for a PCI device, else `region N`.
-    pub name: String,
-    /// Bytes; 0 for a BAR the device does not implement.
-    pub size: u64,
-    pub flags: RegionFlags,
 }
 
 /// `vfio_region_info.flags`, decoded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionFlags {
-    pub read: bool,
-    pub write: bool,
-    /// The VMM may mmap the region (a BAR the guest then reaches without a VM exit).
-    pub mmap: bool,
-}
-
-impl RegionFlags {
-    pub fn from_bits(bits: u32) -> Self {
-        Self {
-            read: bits & uapi::VFIO_REGION_INFO_FLAG_READ != 0,
-            write: bits & uapi::VFIO_REGION_INFO_FLAG_WRITE != 0,
-            mmap: bits & uapi::VFIO_REGION_INFO_FLAG_MMAP != 0,
-        }
+pub fn region_flags(bits: u32) -> RegionFlags {
+    RegionFlags {
+        read: bits & uapi::VFIO_REGION_INFO_FLAG_READ != 0,
+        write: bits & uapi::VFIO_REGION_INFO_FLAG_WRITE != 0,
+        mmap: bits & uapi::VFIO_REGION_INFO_FLAG_MMAP != 0,
     }
-}
-
-impl RegionInfo {
-    /// From the kernel's answer for one index.
-    pub fn decode(pci: bool, raw: &uapi::vfio_region_info) -> Self {
-        Self {
-            index: raw.index,
-            name: region_name(pci, raw.index),
-            size: raw.size,
-            flags: RegionFlags::from_bits(raw.flags),
-        }
-    }
-}
-
-/// One interrupt type of a device (`VFIO_DEVICE_GET_IRQ_INFO`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IrqInfo {
-    pub index: u32,
-    /// `INTx`, `MSI`, `MSI-X`, `ERR`, `REQ` for a PCI device, else `irq N`.
-    pub name: String,
-    /// How many vectors of this type the device has (MSI-X: the table size).
-    pub count: u32,
-    pub flags: IrqFlags,
 }
 
 /// `vfio_irq_info.flags`, decoded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IrqFlags {
-    /// Signalled through an eventfd.
-    pub eventfd: bool,
-    pub maskable: bool,
-    /// Masked by the kernel when it fires (INTx, level-triggered).
-    pub automasked: bool,
-    /// The number of vectors cannot change once enabled.
-    pub noresize: bool,
-}
-
-impl IrqFlags {
-    pub fn from_bits(bits: u32) -> Self {
-        Self {
-            eventfd: bits & uapi::VFIO_IRQ_INFO_EVENTFD != 0,
-            maskable: bits & uapi::VFIO_IRQ_INFO_MASKABLE != 0,
-            automasked: bits & uapi::VFIO_IRQ_INFO_AUTOMASKED != 0,
-            noresize: bits & uapi::VFIO_IRQ_INFO_NORESIZE != 0,
-        }
+pub fn irq_flags(bits: u32) -> IrqFlags {
+    IrqFlags {
+        eventfd: bits & uapi::VFIO_IRQ_INFO_EVENTFD != 0,
+        maskable: bits & uapi::VFIO_IRQ_INFO_MASKABLE != 0,
+        automasked: bits & uapi::VFIO_IRQ_INFO_AUTOMASKED != 0,
+        noresize: bits & uapi::VFIO_IRQ_INFO_NORESIZE != 0,
     }
 }
 
-impl IrqInfo {
-    /// From the kernel's answer for one index.
-    pub fn decode(pci: bool, raw: &uapi::vfio_irq_info) -> Self {
-        Self {
-            index: raw.index,
-            name: irq_name(pci, raw.index),
-            count: raw.count,
-            flags: IrqFlags::from_bits(raw.flags),
-        }
+/// One region from the kernel's answer for its index.
+pub fn region_info(pci: bool, raw: &uapi::vfio_region_info) -> RegionInfo {
+    RegionInfo {
+        index: raw.index,
+        name: region_name(pci, raw.index),
+        size: raw.size,
+        flags: region_flags(raw.flags),
     }
 }
 
-/// The name of region `index`: the fixed vfio-pci indexes of `linux/vfio.h` for a PCI device;
-/// `region N` for device-specific regions and other buses.
-pub fn region_name(pci: bool, index: u32) -> String {
-    const PCI: [&str; 9] = [
-        "BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "CONFIG", "VGA",
-    ];
-    match usize::try_from(index).ok().and_then(|i| PCI.get(i)) {
-        Some(name) if pci => (*name).to_owned(),
-        _ => format!("region {index}"),
+/// One interrupt type from the kernel's answer for its index.
+pub fn irq_info(pci: bool, raw: &uapi::vfio_irq_info) -> IrqInfo {
+    IrqInfo {
+        index: raw.index,
+        name: irq_name(pci, raw.index),
+        count: raw.count,
+        flags: irq_flags(raw.flags),
     }
 }
 
-/// The name of interrupt type `index`, as [`region_name`] does for regions.
-pub fn irq_name(pci: bool, index: u32) -> String {
-    const PCI: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
-    match usize::try_from(index).ok().and_then(|i| PCI.get(i)) {
-        Some(name) if pci => (*name).to_owned(),
-        _ => format!("irq {index}"),
-    }
-}
-
-/// The IOMMU backend of a VFIO container (`VFIO_SET_IOMMU`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IommuBackend {
-    /// `VFIO_TYPE1v2_IOMMU`: what every current VMM asks for.
-    Type1v2,
-    /// `VFIO_TYPE1_IOMMU`: the original type1, when v2 is missing.
-    Type1,
-}
-
-impl IommuBackend {
-    /// In order of preference.
-    pub const ALL: [Self; 2] = [Self::Type1v2, Self::Type1];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Type1v2 => "type1v2",
-            Self::Type1 => "type1",
-        }
-    }
-
-    /// The extension number of `linux/vfio.h`.
-    fn extension(self) -> u32 {
-        match self {
-            Self::Type1v2 => uapi::VFIO_TYPE1v2_IOMMU,
-            Self::Type1 => uapi::VFIO_TYPE1_IOMMU,
-        }
-    }
-}
-
-impl std::fmt::Display for IommuBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+/// The extension number of `linux/vfio.h` for a backend.
+fn extension(backend: IommuBackend) -> u32 {
+    match backend {
+        IommuBackend::Type1v2 => uapi::VFIO_TYPE1v2_IOMMU,
+        IommuBackend::Type1 => uapi::VFIO_TYPE1_IOMMU,
     }
 }
 
@@ -469,12 +346,12 @@ impl SystemVfio {
         }
         ioctl::set_container(group_file.as_fd(), container.as_fd())
             .map_err(errno(Step::SetContainer))?;
-        let backend = pick_backend(|b| ioctl::check_extension(container.as_fd(), b.extension()))
+        let backend = pick_backend(|b| ioctl::check_extension(container.as_fd(), extension(b)))
             .map_err(|e| match e {
                 PickError::Errno(e) => errno(Step::CheckExtension)(e),
                 PickError::None => VfioError::NoIommuBackend,
             })?;
-        ioctl::set_iommu(container.as_fd(), backend.extension()).map_err(errno(Step::SetIommu))?;
+        ioctl::set_iommu(container.as_fd(), extension(backend)).map_err(errno(Step::SetIommu))?;
         // An address prints as `DDDD:BB:DD.F`, never with a NUL.
         let name = CString::new(device.to_string())
             .map_err(|e| fail(Step::GetDeviceFd)(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
@@ -509,14 +386,14 @@ impl Vfio for SystemVfio {
     fn probe(&self, group: u32, device: PciAddress) -> Result<DeviceInfo, VfioError> {
         let opened = self.open(group, device)?;
         let errno = |step: Step| move |e: Errno| classify(step, group, device, e.into());
-        let flags = DeviceFlags::from_bits(opened.info.flags);
+        let flags = device_flags(opened.info.flags);
         let fd = opened.device.as_fd();
         let regions = read_all(opened.info.num_regions, |i| {
-            ioctl::region_info(fd, i).map(|raw| RegionInfo::decode(flags.pci, &raw))
+            ioctl::region_info(fd, i).map(|raw| region_info(flags.pci, &raw))
         })
         .map_err(errno(Step::RegionInfo))?;
         let irqs = read_all(opened.info.num_irqs, |i| {
-            ioctl::irq_info(fd, i).map(|raw| IrqInfo::decode(flags.pci, &raw))
+            ioctl::irq_info(fd, i).map(|raw| irq_info(flags.pci, &raw))
         })
         .map_err(errno(Step::IrqInfo))?;
         Ok(DeviceInfo {
@@ -529,7 +406,7 @@ impl Vfio for SystemVfio {
 
     fn reset(&self, group: u32, device: PciAddress) -> Result<(), VfioError> {
         let opened = self.open(group, device)?;
-        if !DeviceFlags::from_bits(opened.info.flags).reset {
+        if !device_flags(opened.info.flags).reset {
             return Err(VfioError::ResetUnsupported { device });
         }
         ioctl::reset(opened.device.as_fd())
@@ -725,17 +602,17 @@ mod tests {
 
     #[test]
     fn decodes_flags_bit_by_bit() {
-        assert_eq!(DeviceFlags::from_bits(0), DeviceFlags::default());
+        assert_eq!(device_flags(0), DeviceFlags::default());
         assert_eq!(
-            DeviceFlags::from_bits(uapi::VFIO_DEVICE_FLAGS_PCI | uapi::VFIO_DEVICE_FLAGS_CAPS),
+            device_flags(uapi::VFIO_DEVICE_FLAGS_PCI | uapi::VFIO_DEVICE_FLAGS_CAPS),
             DeviceFlags {
                 pci: true,
                 reset: false
             }
         );
-        assert!(DeviceFlags::from_bits(uapi::VFIO_DEVICE_FLAGS_RESET).reset);
+        assert!(device_flags(uapi::VFIO_DEVICE_FLAGS_RESET).reset);
         assert_eq!(
-            RegionFlags::from_bits(0b1111),
+            region_flags(0b1111),
             RegionFlags {
                 read: true,
                 write: true,
@@ -743,7 +620,7 @@ mod tests {
             }
         );
         assert_eq!(
-            RegionFlags::from_bits(uapi::VFIO_REGION_INFO_FLAG_READ),
+            region_flags(uapi::VFIO_REGION_INFO_FLAG_READ),
             RegionFlags {
                 read: true,
                 ..Default::default()
@@ -752,7 +629,7 @@ mod tests {
         // vfio-pci's INTx: eventfd | maskable | automasked; MSI-X without dynamic vectors adds
         // noresize.
         assert_eq!(
-            IrqFlags::from_bits(0b0111),
+            irq_flags(0b0111),
             IrqFlags {
                 eventfd: true,
                 maskable: true,
@@ -761,7 +638,7 @@ mod tests {
             }
         );
         assert_eq!(
-            IrqFlags::from_bits(uapi::VFIO_IRQ_INFO_EVENTFD | uapi::VFIO_IRQ_INFO_NORESIZE),
+            irq_flags(uapi::VFIO_IRQ_INFO_EVENTFD | uapi::VFIO_IRQ_INFO_NORESIZE),
             IrqFlags {
                 eventfd: true,
                 noresize: true,
@@ -781,12 +658,12 @@ mod tests {
             offset: 3 << 40,
         };
         assert_eq!(
-            RegionInfo::decode(true, &raw),
+            region_info(true, &raw),
             RegionInfo {
                 index: 3,
                 name: "BAR3".into(),
                 size: 16384,
-                flags: RegionFlags::from_bits(7)
+                flags: region_flags(7)
             }
         );
         let raw = uapi::vfio_irq_info {
@@ -795,7 +672,7 @@ mod tests {
             index: 2,
             count: 3,
         };
-        let irq = IrqInfo::decode(true, &raw);
+        let irq = irq_info(true, &raw);
         assert_eq!((irq.name.as_str(), irq.count), ("MSI-X", 3));
         assert!(irq.flags.eventfd && irq.flags.noresize && !irq.flags.maskable);
     }

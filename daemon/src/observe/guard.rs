@@ -183,6 +183,9 @@ pub struct HostSnapshot {
     drm_nodes: Vec<(String, PciAddress)>,
     open_files: Vec<OpenFile>,
     vfio_devs: HashMap<PciAddress, Vec<String>>,
+    /// IOMMU groups of the functions whose VFIO group node could be opened just now: nobody
+    /// holds them (only probed when a VFIO device fd of unknown device exists, see `gather`).
+    free_groups: HashSet<u32>,
 }
 
 impl HostSnapshot {
@@ -228,6 +231,56 @@ impl HostSnapshot {
             snap.fb_console = read_fb_console(root);
             snap.drm_nodes = links_to_functions(&root.class_drm_dir());
         }
+        snap.read_vfio_devs(root, functions);
+        // Walking every process's fds is the costliest read here; skip it when none of the
+        // nodes the rules look for can exist.
+        if snap.may_have_open_nodes(root, functions) {
+            snap.open_files = scan_open_files(&root.proc_dir());
+        }
+        // A VFIO device fd whose fdinfo does not name its device (kernels before the
+        // `vfio-device-syspath` line) may hold any function on vfio-pci. The kernel can say
+        // which: the group node of a held device cannot be opened (EBUSY). Probed only when
+        // such an fd exists, so a release never opens a group node without cause (an open
+        // lasts microseconds, but a VMM opening the group in that instant would fail).
+        if snap
+            .open_files
+            .iter()
+            .any(|f| f.target == VFIO_DEVICE_FD && f.device.is_none())
+        {
+            for group in functions
+                .iter()
+                .filter(|f| driver_is_vfio(f.driver.as_deref()))
+                .filter_map(|f| f.iommu_group)
+            {
+                if group_node_opens(root, group) {
+                    snap.free_groups.insert(group);
+                }
+            }
+        }
+        snap
+    }
+
+    /// Who holds each of `functions` open through VFIO, as `list`, `show` and `vf list` show
+    /// it: "qemu-system-x86 (pid 4242, VM win11)". A read: it never opens a group node, so a
+    /// VFIO device fd whose kernel does not say which device it opens is not attributed here
+    /// (the guard of a release or verify does attribute it, see [`Self::gather`]).
+    pub fn holders(root: &SysfsRoot, functions: &[&PciFunction]) -> HashMap<PciAddress, String> {
+        let mut snap = Self::default();
+        snap.read_vfio_devs(root, functions);
+        if snap.may_have_open_nodes(root, functions) {
+            snap.open_files = scan_open_files(&root.proc_dir())
+                .into_iter()
+                .filter(|f| !(f.target == VFIO_DEVICE_FD && f.device.is_none()))
+                .collect();
+        }
+        functions
+            .iter()
+            .filter_map(|f| Some((f.address, snap.holder(f)?.who())))
+            .collect()
+    }
+
+    /// The VFIO device nodes (`/dev/vfio/devices/vfioN`, iommufd) of each function.
+    fn read_vfio_devs(&mut self, root: &SysfsRoot, functions: &[&PciFunction]) {
         for f in functions {
             let dir = root.pci_device_attr(f.address, "vfio-dev");
             if let Ok(entries) = std::fs::read_dir(dir) {
@@ -235,15 +288,9 @@ impl HostSnapshot {
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect();
-                snap.vfio_devs.insert(f.address, names);
+                self.vfio_devs.insert(f.address, names);
             }
         }
-        // Walking every process's fds is the costliest read here; skip it when none of the
-        // nodes the rules look for can exist.
-        if snap.may_have_open_nodes(root, functions) {
-            snap.open_files = scan_open_files(&root.proc_dir());
-        }
-        snap
     }
 
     /// Whether any process could hold a node the rules look for: a VFIO group node exists only
@@ -537,8 +584,14 @@ impl HostSnapshot {
                 || (f.target == VFIO_DEVICE_FD
                     && match f.device {
                         Some(device) => device == function.address,
-                        // An older kernel does not say which device: it may be this one.
-                        None => on_vfio,
+                        // An older kernel does not say which device: it is this one unless
+                        // the group node opened (nobody holds the group).
+                        None => {
+                            on_vfio
+                                && !function
+                                    .iommu_group
+                                    .is_some_and(|g| self.free_groups.contains(&g))
+                        }
                     })
         })
     }
@@ -742,6 +795,17 @@ fn read_fb_console(root: &SysfsRoot) -> Option<String> {
         (bound && name.contains("frame buffer"))
             .then(|| e.file_name().to_string_lossy().into_owned())
     })
+}
+
+/// Whether `/dev/vfio/GROUP` opens now, i.e. no process holds the group or one of its devices
+/// (the kernel answers EBUSY then). Closed at once. Anything but a successful open (busy, no
+/// node, no permission) counts as "maybe held".
+fn group_node_opens(root: &SysfsRoot, group: u32) -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.vfio_group_node(group))
+        .is_ok()
 }
 
 /// The function a VFIO device fd opens, from its fdinfo's `vfio-device-syspath: /sys/devices/...`

@@ -385,6 +385,7 @@ fn read_function(
             boot_vga,
             sriov,
             vf_of: None,
+            in_use_by: None,
         },
         virtfns,
     }))

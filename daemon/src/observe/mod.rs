@@ -4,4 +4,5 @@ pub mod groups;
 pub mod guard;
 pub mod host;
 pub mod inventory;
+pub mod passthrough;
 pub mod pciids;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use passthroughd_proto::dbus::{self as proto_dbus, PATH, SERVICE};
+use passthroughd_proto::vfio::{FunctionDetail, VerifyReport};
 use passthroughd_proto::wire::{Dict, FunctionRow, to_dict, to_dicts};
 use passthroughd_proto::{
     ApplyReport, AssignOptions, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner, PciAddress,
@@ -78,6 +79,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Change>, Error>;
     fn lease_end(&self, caller: &Caller, owner: &LeaseOwner) -> Result<Vec<Change>, Error>;
     fn leases(&self) -> Result<Vec<LeaseInfo>, Error>;
+    /// One function with its passthrough readiness.
+    fn show(&self, address: PciAddress) -> Result<FunctionDetail, Error>;
+    /// The function opened through VFIO as a VMM would.
+    fn verify(&self, caller: &Caller, address: PciAddress) -> Result<VerifyReport, Error>;
     /// Where changes finished after their callers were answered are reported.
     fn set_listener(&self, _listener: Listener) {}
 }
@@ -147,6 +152,12 @@ impl Backend for Engine {
     }
     fn leases(&self) -> Result<Vec<LeaseInfo>, Error> {
         Ok(Engine::leases(self))
+    }
+    fn show(&self, address: PciAddress) -> Result<FunctionDetail, Error> {
+        Engine::show(self, address)
+    }
+    fn verify(&self, caller: &Caller, address: PciAddress) -> Result<VerifyReport, Error> {
+        Engine::verify(self, caller, address)
     }
     fn set_listener(&self, listener: Listener) {
         Engine::set_listener(self, listener);
@@ -524,19 +535,33 @@ impl ManagerObject {
         dicts(&inventory.groups)
     }
 
-    /// One function in full.
+    /// One function in full, with `passthrough`: whether a VM could be given it now (and the
+    /// first thing in the way), its reset methods, a variant driver, its group node's access.
     async fn show(&self, address: String) -> Result<Dict, proto_dbus::Error> {
         let address = parse_address(&address).map_err(|e| to_dbus(&e))?;
-        let function = self
-            .read("showing a function", move |engine| {
-                engine
-                    .inventory()?
-                    .function(address)
-                    .cloned()
-                    .ok_or(Error::NoSuchDevice(address))
-            })
+        let detail = self
+            .read("showing a function", move |engine| engine.show(address))
             .await?;
-        dict(&function)
+        dict(&detail)
+    }
+
+    /// Opens the function through VFIO the way a VMM would (container, group, IOMMU backend,
+    /// device) under its group's lock and reports what a VM would get; refused without opening
+    /// anything while it is leased or held open by a process. Needs authorization: it opens
+    /// device nodes.
+    async fn verify(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        address: String,
+    ) -> Result<Dict, proto_dbus::Error> {
+        let address = parse_address(&address).map_err(|e| to_dbus(&e))?;
+        let caller = self.authorize(conn, &header).await?;
+        info!(uid = caller.uid, sender = %caller.bus_name, %address, "verify");
+        let report = self
+            .blocking("verifying", move |engine| engine.verify(&caller, address))
+            .await?;
+        dict(&report)
     }
 
     /// Binds each function (with `group`, its whole IOMMU group) to vfio-pci, all or nothing.
@@ -569,17 +594,19 @@ impl ManagerObject {
         dicts(&changes)
     }
 
-    /// Returns each function to the driver it had before assignment.
+    /// Returns each function to the driver it had before assignment; with `reset`, resets it
+    /// through VFIO first.
     async fn release(
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         addresses: Vec<String>,
         runtime: bool,
+        reset: bool,
     ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let addresses = parse_addresses(&addresses).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
-        let options = ReleaseOptions { runtime };
+        let options = ReleaseOptions { runtime, reset };
         info!(uid = caller.uid, sender = %caller.bus_name, addresses = %addresses.len(),
             ?options, "release");
         let changes = self

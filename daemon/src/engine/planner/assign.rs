@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use passthroughd_proto::config::ResetPolicy;
 use passthroughd_proto::device::driver_is_vfio_safe;
 use passthroughd_proto::{AssignOptions, PciAddress, PciFunction, ReleaseOptions};
 
@@ -324,6 +325,13 @@ pub fn release(
                 .map(|f| f.address)
                 .collect(),
         });
+        // Every reset before any unbind: VFIO opens a device only while its whole group is
+        // still viable.
+        if options.reset || view.config.release.reset == ResetPolicy::Always {
+            for (target, _) in &unbind {
+                plan.push(Step::Reset { target: *target });
+            }
+        }
         for (target, to) in unbind {
             plan.push(Step::Unbind { target, to });
         }

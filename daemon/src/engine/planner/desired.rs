@@ -194,13 +194,6 @@ pub fn not_in_effect(config: &Config) -> Vec<String> {
             ));
         }
     }
-    if config.release.reset != ResetPolicy::Never {
-        notes.push(
-            "[release] reset is not in effect yet; functions return to their host drivers \
-             without a VFIO reset"
-                .into(),
-        );
-    }
     notes
 }
 
@@ -560,6 +553,9 @@ fn plan_config_releases(view: &View<'_>, wanted: &HashSet<Target>, out: &mut Out
             plan.push(Step::Guard {
                 functions: vec![f.address],
             });
+            if view.config.release.reset == ResetPolicy::Always {
+                plan.push(Step::Reset { target: *target });
+            }
             plan.push(Step::Unbind {
                 target: *target,
                 to: held.previous_driver.clone(),

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use passthroughd_proto::config::ResetPolicy;
 use passthroughd_proto::{LeaseOwner, PciAddress, PciFunction};
 
 use crate::engine::plan::{Claim, ClaimRecord, LockKey, OnCrash, Operation, Plan, Step};
@@ -121,6 +122,11 @@ pub fn end(view: &View<'_>, owner: &LeaseOwner) -> Result<Plan, Error> {
         plan.push(Step::Guard {
             functions: unbind.iter().map(|(a, _, _)| *a).collect(),
         });
+        if view.config.release.reset != ResetPolicy::Never {
+            for (_, target, _) in &unbind {
+                plan.push(Step::Reset { target: *target });
+            }
+        }
         for (_, target, to) in unbind {
             plan.push(Step::Unbind { target, to });
         }
