@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use passthroughd::engine::EngineOptions;
 use passthroughd::{Caller, Error, ErrorKind};
-use passthroughd_proto::{AssignOptions, LeaseOwner, ReleaseOptions};
+use passthroughd_proto::{AssignOptions, LeaseOwner, ReleaseOptions, VfCreateOptions};
 use passthroughd_testkit::sim::{SimDevice, SimOp, SimSriov};
 
 fn owner(text: &str) -> LeaseOwner {
@@ -275,6 +275,23 @@ fn a_vf_lease_is_kept_by_pf_and_index_and_given_back_to_its_vf_driver() {
         "never by VF address: {state}"
     );
     assert_eq!(m.leases()[0].functions, [vf1.to_string()]);
+    // The leased VF is its owner's: no destroy or resize takes it, not even forced.
+    let forced = VfCreateOptions {
+        assign: false,
+        runtime: false,
+        force: true,
+    };
+    for err in [
+        m.vf_destroy(&caller(), pf, true).unwrap_err(),
+        m.vf_create(&caller(), pf, 3, forced).unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        assert!(
+            err.to_string().contains("leased to k8s:7d0b7a0e-claim"),
+            "{err}"
+        );
+    }
+    assert_eq!(host.sim.driver_of(vf1).as_deref(), Some("vfio-pci"));
     m.lease_end(&caller(), &vm).unwrap();
     assert_eq!(host.sim.driver_of(vf1).as_deref(), Some("igbvf"));
 }

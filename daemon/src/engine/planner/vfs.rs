@@ -153,6 +153,8 @@ pub fn create(view: &View<'_>, request: &VfCreate) -> Result<Plan, Error> {
             Some(_) => {}
         }
         check_not_in_use(view, pf, &existing, "resize", request.force)?;
+        // A resize recreates every VF: a leased one would vanish under its owner.
+        check_not_leased(view, pf, &existing)?;
         // A resize recreates every VF: the assigned ones must stay on vfio-pci (every new VF
         // is, with --assign, except those beyond the new count), unless forced.
         let lost: Vec<String> = existing
@@ -301,11 +303,37 @@ fn strongest(old: Option<&Claim>, new: &Claim) -> Claim {
     }
 }
 
+/// A leased VF belongs to its owner until the lease ends: never removed, not even with
+/// `--force` (its VM may be about to start).
+fn check_not_leased(view: &View<'_>, pf: PciAddress, vfs: &[&PciFunction]) -> Result<(), Error> {
+    for vf in vfs {
+        let index = vf.vf_of.map_or(0, |v| v.index);
+        let owner = view.registry.get(&Target::Vf { pf, index }).and_then(|h| {
+            h.claims.iter().find_map(|c| match c {
+                Claim::Lease(owner) => Some(owner),
+                _ => None,
+            })
+        });
+        if let Some(owner) = owner {
+            return Err(Error::Refused {
+                address: pf,
+                reason: format!(
+                    "VF {index} ({}) is leased to {owner}; the lease ends with its owner, or \
+                     with passthroughctl lease end {owner} (--force does not override this)",
+                    vf.address
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `vf destroy PF [--force]`.
 pub fn destroy(view: &View<'_>, pf: PciAddress, force: bool) -> Result<Plan, Error> {
     let f = check_pf(view.inventory, pf)?;
     let vfs = view.inventory.vfs_of(pf);
     check_not_in_use(view, pf, &vfs, "destroy", force)?;
+    check_not_leased(view, pf, &vfs)?;
     if !force {
         // Destroying takes every VF off vfio-pci: refused for assigned ones unless forced.
         let mut persistent = false;
