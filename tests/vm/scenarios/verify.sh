@@ -39,7 +39,11 @@ expect_eq verify-group-is-the-kernels "$(jq -r .iommu_group "$J")" "$(link_name 
 expect_eq verify-interrupt-remapping "$(jq -r .interrupt_remapping "$J")" true
 expect_eq verify-backend "$(jq -r .device.iommu_backend "$J")" type1v2
 # The VF's BARs as the kernel sizes them (sysfs `resource`: start end flags per BAR).
-bar_size() { sed -n "$(($2 + 1))p" "$SYS/$1/resource" | awk '{ s = strtonum($2) - strtonum($1); print (s > 0 ? s + 1 : 0) }'; }
+bar_size() {
+    local start end
+    read -r start end _ < <(sed -n "$(($2 + 1))p" "$SYS/$1/resource")
+    if [ $((end)) -gt $((start)) ]; then echo $((end - start + 1)); else echo 0; fi
+}
 for bar in 0 3; do
     expect_eq "verify-bar$bar-size" "$(jq -r ".device.regions[] | select(.name == \"BAR$bar\") | .size" "$J")" "$(bar_size "$vf0" $bar)"
 done
