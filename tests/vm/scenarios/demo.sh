@@ -2,7 +2,8 @@
 # The demo (`make demo`): the real daemon on a system bus inside the VM, and the CLI walked through
 # as a recorded terminal session: host, list, groups, vf create --assign, assign, an unsafe assign
 # refused with its reason, apply --dry-run and apply of a small config, a restart that keeps
-# everything, release. Every step is also a check (its exit status, and the drivers it leaves),
+# everything, verify of a VF through VFIO, the libvirt hook leasing a VF (and refusing a second
+# domain), release. Every step is also a check (its exit status, and the drivers it leaves),
 # so the demo fails rather than rots. The transcript is kept in $PT_OUT/demo.txt.
 # The short form (`make test`: `run.sh demo.sh --short`, as run.sh passes only its arguments into
 # the guest; or PT_DEMO_SHORT=1 in the guest): list, assign, the refusal, apply --dry-run, apply,
@@ -98,6 +99,25 @@ if [ "$SHORT" != 1 ]; then
         "$(basename "$(readlink "$SYS/$pf/virtfn0")")" "$(basename "$(readlink "$SYS/$pf/virtfn1")")")" \
         "vfio-pci vfio-pci vfio-pci vfio-pci vfio-pci "
     quiet check demo-status-after-restart-lists-them grep -q "$e1000e .*request" "$PT_OUT/step.out"
+fi
+
+if [ "$SHORT" != 1 ]; then
+    vf0="$(basename "$(readlink "$SYS/$pf/virtfn0")")"
+    vf1="$(basename "$(readlink "$SYS/$pf/virtfn1")")"
+    say "is VF 0 really ready for a VM? open it through VFIO the way QEMU does"
+    step verify 0 passthroughctl verify "$vf0"
+    quiet check demo-verify-ready grep -q "ready for a VM" "$PT_OUT/step.out"
+    say "the <hostdev> for a libvirt domain; the libvirt hook leases it when the domain starts"
+    step show-libvirt 0 passthroughctl show "$vf1" --libvirt
+    printf "<domain type='kvm'>\n  <name>win11</name>\n  <devices>\n%s\n  </devices>\n</domain>\n" \
+        "$(cat "$PT_OUT/step.out")" > "$PT_OUT/win11.xml"
+    step hook-prepare 0 sh -c "passthroughctl libvirt-hook win11 prepare begin - < $PT_OUT/win11.xml"
+    step lease-list 0 passthroughctl lease list
+    quiet check demo-lease-listed grep -q "libvirt:win11" "$PT_OUT/step.out"
+    say "a second domain wanting the same VF is refused, naming the first"
+    sed 's/win11/ubuntu/' "$PT_OUT/win11.xml" > "$PT_OUT/ubuntu.xml"
+    step hook-second-refused 5 sh -c "passthroughctl libvirt-hook ubuntu prepare begin - < $PT_OUT/ubuntu.xml"
+    step hook-release 0 sh -c "passthroughctl libvirt-hook win11 release end - < $PT_OUT/win11.xml"
 fi
 
 say "the e1000e back to its host driver"
