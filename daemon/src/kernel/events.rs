@@ -47,9 +47,18 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Whether udevd runs: its control socket exists.
+/// Whether udevd runs: something listens on its control socket. A udevd that was killed leaves
+/// the socket file behind, and its monitor would then never deliver an event; connecting tells
+/// them apart without speaking udevd's protocol: a stale socket refuses the connection, a live
+/// one (SOCK_SEQPACKET) answers a stream connect with EPROTOTYPE.
 pub fn udevd_running(root: &Path) -> bool {
-    root.join("run/udev/control").exists()
+    match std::os::unix::net::UnixStream::connect(root.join("run/udev/control")) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        ),
+    }
 }
 
 /// Starts listening (udev when `udev`, else the kernel) on a thread of its own and calls
@@ -138,5 +147,24 @@ async fn pump(monitor: udev::MonitorSocket, on_event: impl Fn(DeviceEvent)) {
             on_event(DeviceEvent { action, address });
         }
         ready.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_stale_control_socket_is_not_a_running_udevd() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!udevd_running(dir.path()), "no socket");
+        std::fs::create_dir_all(dir.path().join("run/udev")).unwrap();
+        let path = dir.path().join("run/udev/control");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(udevd_running(dir.path()), "something listens");
+        drop(listener);
+        assert!(path.exists());
+        assert!(!udevd_running(dir.path()), "the file of a dead udevd");
     }
 }

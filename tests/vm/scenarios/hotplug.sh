@@ -101,8 +101,11 @@ expect_eq unconfigured-left-alone "$(driver_of "$pcnet") $(cat "$SYS/$pcnet/driv
 
 # Without udevd: the kernel's uevents, the same claim.
 stop_daemon
+# As a host without udevd, or one whose udevd died: its control socket file stays behind.
 udevadm control --exit 2>/dev/null
+pkill -x systemd-udevd 2>/dev/null; pkill -x udevd 2>/dev/null
 check udevd-gone wait_for "! pgrep -x systemd-udevd >/dev/null && ! pgrep -x udevd >/dev/null" 10
+note "udevd's control socket after it went: $(ls -l /run/udev/control 2>&1 | tr '\n' ' ')"
 start_daemon
 check daemon-restarts-without-udevd "$CTL" status
 check follows-kernel-uevents grep -q "following device events.*kernel uevents" "$PT_OUT/daemon.log"
