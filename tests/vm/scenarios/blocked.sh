@@ -130,7 +130,7 @@ fi
 
 # 3. Clean up.
 stop_holder
-exit_is destroy 0 "$CTL" vf destroy "$pf"
+exit_is destroy 0 "$CTL" vf destroy "$pf" --force
 expect_eq destroyed "$(cat "$SYS/$pf/sriov_numvfs")" 0
 stop_daemon
 finish
