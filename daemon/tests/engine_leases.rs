@@ -294,6 +294,21 @@ fn a_vf_lease_is_kept_by_pf_and_index_and_given_back_to_its_vf_driver() {
     assert_eq!(host.sim.driver_of(vf1).as_deref(), Some("vfio-pci"));
     m.lease_end(&caller(), &vm).unwrap();
     assert_eq!(host.sim.driver_of(vf1).as_deref(), Some("igbvf"));
+    // A VF that `vf create --assign` put on vfio-pci is used as it is and stays there.
+    m.vf_destroy(&caller(), pf, true).unwrap();
+    let assigned = VfCreateOptions {
+        assign: true,
+        runtime: false,
+        force: false,
+    };
+    m.vf_create(&caller(), pf, 2, assigned).unwrap();
+    let vf1 = host.sim.vf_address(pf, 1).unwrap();
+    assert!(m.lease_start(&caller(), &vm, &[vf1]).unwrap().is_empty());
+    assert!(
+        m.lease_end(&caller(), &vm).unwrap().is_empty(),
+        "nothing moved"
+    );
+    assert_eq!(host.sim.driver_of(vf1).as_deref(), Some("vfio-pci"));
 }
 
 #[test]

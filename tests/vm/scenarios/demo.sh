@@ -118,6 +118,7 @@ if [ "$SHORT" != 1 ]; then
     sed 's/win11/ubuntu/' "$PT_OUT/win11.xml" > "$PT_OUT/ubuntu.xml"
     step hook-second-refused 5 sh -c "passthroughctl libvirt-hook ubuntu prepare begin - < $PT_OUT/ubuntu.xml"
     step hook-release 0 sh -c "passthroughctl libvirt-hook win11 release end - < $PT_OUT/win11.xml"
+    quiet expect_eq demo-assigned-vf-stays-after-lease "$(driver_of "$vf1")" vfio-pci
 fi
 
 say "the e1000e back to its host driver"

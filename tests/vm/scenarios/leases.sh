@@ -120,7 +120,22 @@ EOF
     # The shipped hook, pointing at the binary under test.
     sed "s|/usr/bin/passthroughctl|$CTL|" "$PT_REPO/systemd/libvirt-qemu-hook" > /etc/libvirt/hooks/qemu.d/passthroughd
     chmod 755 /etc/libvirt/hooks/qemu.d/passthroughd
-    libvirtd --daemon
+    # The guest's init does not reap orphans, and libvirt daemonizes QEMU: a QEMU that exits
+    # would stay a zombie that `virsh destroy` still finds alive ("Failed to terminate process
+    # with SIGKILL"). libvirtd runs under a subreaper that reaps whatever ends up under it, as
+    # systemd does on a host.
+    python3 -c '
+import ctypes, os
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+if os.fork() == 0:
+    os.execvp("libvirtd", ["libvirtd"])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+' >/dev/null 2>&1 &
+    libvirt_reaper=$!
     check libvirtd-answers wait_for 'virsh -c qemu:///system version >/dev/null 2>&1' 60
     virsh -c qemu:///system version 2>&1 | head -n 3 | while read -r l; do note "$l"; done
     cat > "$PT_OUT/pt-vm1.xml" <<EOF
@@ -158,7 +173,8 @@ EOF
     check libvirt-lease-ended wait_for '[ "$(leases)" = "[]" ]' 120
     expect_eq libvirt-vf-back-on-igbvf "$(driver_of "$vf0")" igbvf
     cp /var/log/libvirt/libvirtd.log /var/log/libvirt/qemu/pt-vm1.log "$PT_OUT/" 2>/dev/null
-    kill "$(cat /run/libvirtd.pid 2>/dev/null)" 2>/dev/null
+    pkill -x libvirtd 2>/dev/null
+    wait_for "! alive $libvirt_reaper" 20
 else
     note "libvirtd or virsh missing: the real-libvirt part was skipped (tests/vm/setup.sh installs them)"
     check libvirtd-installed false

@@ -22,7 +22,7 @@ use crate::engine::planner::assign::{
     bind_steps, check_assignable, claim_identity, lock_key, select,
 };
 use crate::engine::planner::vfs::{self, VfCreate};
-use crate::engine::planner::{View, identity_of, show_identity, target_of};
+use crate::engine::planner::{View, identity_of, kept_by_others, show_identity, target_of};
 use crate::error::Error;
 use crate::kernel::driver::VFIO_PCI;
 use crate::observe::guard::{self, Severity};
@@ -541,7 +541,7 @@ fn plan_config_releases(view: &View<'_>, wanted: &HashSet<Target>, out: &mut Out
             claim: Claim::Config,
         });
         let f = find(view, target);
-        let others = held.claims.len() > 1;
+        let others = kept_by_others(view, target, held.claims.len());
         let on_vfio = f.is_some_and(|f| driver_is_vfio(f.driver.as_deref()));
         let locks: BTreeSet<LockKey> = f.map(lock_key).into_iter().collect();
         let mut plan = Plan::new(Operation::Apply, OnCrash::Finish, locks);

@@ -16,7 +16,7 @@ use passthroughd_proto::{LeaseOwner, PciAddress, PciFunction};
 
 use crate::engine::plan::{Claim, ClaimRecord, LockKey, OnCrash, Operation, Plan, Step};
 use crate::engine::planner::assign::{bind_steps, check_assignable, functions, lock_key};
-use crate::engine::planner::{View, target_of};
+use crate::engine::planner::{View, kept_by_others, target_of};
 use crate::error::Error;
 use crate::kernel::driver::VFIO_PCI;
 use crate::observe::guard;
@@ -102,7 +102,7 @@ pub fn end(view: &View<'_>, owner: &LeaseOwner) -> Result<Plan, Error> {
             .find(|f| target_of(f) == *target);
         if let Some(f) = f {
             locks.insert(lock_key(f));
-            let others = h.claims.len() > 1;
+            let others = kept_by_others(view, target, h.claims.len());
             if !others && f.driver.as_deref() == Some(VFIO_PCI) {
                 if let Some(finding) = view.snapshot.check_in_use(f) {
                     guard::decide(f.address, &[finding], false)?;

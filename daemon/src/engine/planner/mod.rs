@@ -93,3 +93,16 @@ pub fn claiming_entry(config: &Config, inventory: &Inventory, f: &PciFunction) -
         .find(|s| s.pf == vf.pf && vf.index < u32::from(s.count) && s.assign.contains(vf.index))
         .map(|s| s.label())
 }
+
+/// Whether something besides one claim keeps `target` on vfio-pci: another claim on it, or the
+/// VF set it belongs to (`vf create --assign`, an `[[sriov]]` entry).
+pub fn kept_by_others(view: &View<'_>, target: &Target, claims: usize) -> bool {
+    let in_set = match *target {
+        Target::Vf { pf, index } => view
+            .registry
+            .vf_set(pf)
+            .is_some_and(|s| s.record.assigned.contains(&index)),
+        Target::Function(_) => false,
+    };
+    claims > 1 || in_set
+}
