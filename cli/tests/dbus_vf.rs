@@ -1,5 +1,5 @@
 //! `passthroughctl vf ...` against the service over the real engine (`Engine`) and the
-//! simulated kernel (`sim.rs`, which answers `sriov_numvfs` as DESIGN.md's table says): the
+//! simulated kernel (`sim.rs`, which answers `sriov_numvfs` as docs/kernel.md's table says): the
 //! whole path from the CLI through D-Bus to the sysfs writes, its signal, persistence and
 //! refusals. (The VM scenario `sriov.sh` runs the same against a real kernel.)
 

@@ -78,7 +78,7 @@ enum Command {
         address: String,
     },
     /// Check whether this host can pass devices through to VMs (CPU, KVM, IOMMU, VFIO, kernel
-    /// config, topology, memory, SR-IOV) and print the report. Read MSRs needs root and `msr`.
+    /// config, topology, memory, SR-IOV) and print the report. Reading the MSRs needs root and `msr`.
     Host {
         /// The report as one JSON document (docs/host-report.md) instead of text.
         #[arg(long)]

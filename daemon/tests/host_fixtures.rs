@@ -654,3 +654,17 @@ fn a_1g_pool_without_a_1g_hugetlbfs_mount_warns() {
     assert!(r.overall.ready);
     assert_eq!(r.overall.first_check.as_deref(), Some("memory.hugetlbfs"));
 }
+
+#[test]
+fn no_iommu_table_on_bare_metal_names_the_vendors_firmware_switch() {
+    let intel = report("intel-iommu-off-in-firmware");
+    assert_eq!(verdict(&intel, "iommu.acpi_table"), Verdict::Fail);
+    let fix_intel = fix(&intel, "iommu.acpi_table");
+    assert!(fix_intel.contains("VT-d"), "{fix_intel}");
+    assert!(!fix_intel.contains("AMD"), "{fix_intel}");
+    let amd = report("amd-iommu-off-in-firmware");
+    assert_eq!(verdict(&amd, "iommu.acpi_table"), Verdict::Fail);
+    let fix_amd = fix(&amd, "iommu.acpi_table");
+    assert!(fix_amd.contains("AMD-Vi"), "{fix_amd}");
+    assert!(!fix_amd.contains("VT-d"), "{fix_amd}");
+}

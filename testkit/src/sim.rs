@@ -5,7 +5,7 @@
 //! `DRIVER=` line in `uevent` that are kept consistent, `driver_override` reading `(null)` when
 //! unset, `sys/bus/pci/drivers/NAME/{bind,unbind}` and `sys/bus/pci/drivers_probe`.
 //!
-//! Writes get the answers DESIGN.md section 4 records for a 6.12 kernel; tests can inject
+//! Writes get the answers docs/kernel.md records for a 6.12 kernel; tests can inject
 //! faults (an errno for one write, a device that vanishes after a write, a probe that binds
 //! nothing, a write that blocks for a while) and read back every write the engine made.
 

@@ -129,7 +129,15 @@ pub fn checks(probe: &Probe, out: &mut Vec<Check>) -> IommuFacts {
                     probe.hypervisor_name()
                 )
             } else {
-                "enable VT-d / AMD-Vi (the IOMMU) in the firmware setup".to_owned()
+                match vendor.as_str() {
+                    "GenuineIntel" => "enable VT-d (Intel Virtualization Technology for \
+                                       Directed I/O) in the firmware setup"
+                        .to_owned(),
+                    "AuthenticAMD" | "HygonGenuine" => "enable the IOMMU (AMD-Vi; the \
+                                                        firmware setup usually calls it IOMMU)"
+                        .to_owned(),
+                    _ => "enable the IOMMU (VT-d / AMD-Vi) in the firmware setup".to_owned(),
+                }
             }),
         )
     } else {
