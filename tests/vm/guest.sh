@@ -22,6 +22,8 @@ if mkdir -p /run/pt-root && mount -t 9p -o ro,trans=virtio,version=9p2000.L,acce
 else
     echo "guest: no cached 9p view of the host root; programs load uncached (slow)"
 fi
+# The kernel's log as it happens, on the host side: it survives a guest that dies mid-scenario.
+dmesg -w >"$PT_OUT/dmesg.txt" 2>&1 &
 echo "guest: kernel $(uname -r), cmdline: $(cat /proc/cmdline | tr ' ' '\n' | grep -E '^(intel_iommu|iommu)=' | tr '\n' ' ')"
 # udev normally autoloads NIC drivers; load them explicitly so the scenario never races it.
 for m in vfio-pci igb e1000e e1000 pcnet32; do
