@@ -128,8 +128,12 @@ else
     start_daemon
 fi
 
-# 3. Clean up.
+# 3. Clean up, with the default write time limit: under emulation writing 0 to sriov_numvfs can
+# take longer than the 2 s this scenario gave the blocked unbind.
 stop_holder
+stop_daemon
+DAEMON_FLAGS=()
+start_daemon
 exit_is destroy 0 "$CTL" vf destroy "$pf" --force
 expect_eq destroyed "$(cat "$SYS/$pf/sriov_numvfs")" 0
 stop_daemon
