@@ -324,7 +324,7 @@ pub fn status(s: &Status) -> String {
         let assigned: Vec<String> = v.assigned.iter().map(u32::to_string).collect();
         let _ = writeln!(
             out,
-            "VFs of {}: {} ({}), on vfio-pci: {}{}",
+            "VFs of {}: {} ({}), assigned by the set: {}{}",
             v.pf,
             v.count,
             v.source,
