@@ -2,6 +2,10 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
+# Incremental compilation keeps a second copy of every crate's intermediate state: no help to a
+# build from a fresh clone (CI), only disk. Set CARGO_INCREMENTAL=1 to keep it while iterating.
+CARGO_INCREMENTAL ?= 0
+export CARGO_INCREMENTAL
 VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests/vm/scenarios/assign.sh tests/vm/scenarios/sriov.sh tests/vm/scenarios/config.sh tests/vm/scenarios/hotplug.sh tests/vm/scenarios/blocked.sh tests/vm/scenarios/leases.sh tests/vm/scenarios/verify.sh tests/vm/scenarios/installed.sh
 # Benchmarks run the release binaries: timings of a debug build say nothing about the product.
 VM_BENCHES := tests/vm/scenarios/bench-assign.sh tests/vm/scenarios/bench-sriov.sh tests/vm/scenarios/bench-apply.sh

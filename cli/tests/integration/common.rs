@@ -12,7 +12,7 @@ use passthroughd::engine::Caller;
 use passthroughd::error::Error;
 use passthroughd::observe::host;
 use passthroughd::service::{self, Backend, ServiceConfig};
-use passthroughd::{Inventory, PciIds, SysfsRoot};
+use passthroughd::{Engine, Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::vfio::{FunctionDetail, Readiness, VerifyReport};
 use passthroughd_proto::{
     ApplyReport, AssignOptions, Change, ConfigState, HostReport, LeaseInfo, LeaseOwner, PciAddress,
@@ -429,4 +429,18 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+/// The real engine served on `bus` from a runtime of its own, as the daemon's main serves it;
+/// the connection lives as long as the caller keeps it.
+pub fn serve_engine(bus: &TestBus, engine: Engine) -> (tokio::runtime::Runtime, zbus::Connection) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine: Arc<dyn Backend> = Arc::new(engine);
+    let connection = runtime
+        .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
+        .unwrap();
+    (runtime, connection)
 }

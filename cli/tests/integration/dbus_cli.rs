@@ -7,13 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use passthroughd::service::ServiceConfig;
 use passthroughd_proto::dbus::{self as proto_dbus, ManagerProxy};
 use passthroughd_proto::table;

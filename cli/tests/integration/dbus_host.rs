@@ -1,16 +1,14 @@
 //! `passthroughctl host` against the service on a private dbus-daemon, serving fixture roots:
 //! the JSON is byte for byte what `passthroughd host --json` prints for the same root (the
-//! library report, pretty-printed; `daemon/tests/host_cli.rs` ties the daemon binary to the same
+//! library report, pretty-printed; `daemon/tests/integration/host_cli.rs` ties the daemon binary to the same
 //! string), the text is `render_text` with one verdict line per check, and a host that is not
 //! ready is still exit 0.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use passthroughd::observe::host;
 use passthroughd::{PciIds, SysfsRoot};
 use passthroughd_proto::host::{HostReport, render_text};

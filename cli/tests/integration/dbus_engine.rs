@@ -6,16 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use passthroughd::kernel::Kernel;
-use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Engine, EngineConfig, Inventory, PciIds, SysfsRoot};
 use passthroughd_proto::dbus::ManagerProxy;
 use passthroughd_proto::{PciAddress, table};
@@ -116,14 +113,7 @@ fn start() -> Real {
         config: None,
     })
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine: Arc<dyn Backend> = Arc::new(manager);
-    let connection = runtime
-        .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
-        .unwrap();
+    let (runtime, connection) = serve_engine(&bus, manager);
     Real {
         _connection: connection,
         runtime,

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::errno::Errno;
 use passthroughd::ErrorKind;
 use passthroughd::engine::EngineOptions;

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use passthroughd::engine::plan::{
     Claim, ClaimRecord, LockKey, OnCrash, Operation, Plan, Step, Target,
 };
@@ -16,14 +14,13 @@ use passthroughd::engine::{Caller, EngineOptions};
 use passthroughd::store::journal::JournalEntry;
 use passthroughd::{Error, ErrorKind};
 use passthroughd_proto::{AssignOptions, DeviceIdentity, ReleaseOptions, VfCreateOptions};
-use passthroughd_testkit::sim::{SimDevice, SimOp, SimSriov};
+use passthroughd_testkit::sim::SimOp;
 
 const RUNTIME: AssignOptions = AssignOptions {
     runtime: true,
     group: false,
     force: false,
 };
-const PF: &str = "0000:05:00.0";
 
 fn quick(host: &Host) -> EngineOptions {
     let mut o = EngineOptions::for_root(&host.root());
@@ -49,18 +46,6 @@ fn eventually(what: &str, done: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// The common host plus an igb-like PF (7 VFs, none enabled) in group 10, VFs in 20 + n.
-fn sriov_host() -> Host {
-    let host = Host::new();
-    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
-    pf.device_id = 0x10c9;
-    pf.sriov_totalvfs = 7;
-    host.sim.add_device(&pf).unwrap();
-    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
-    host.sim.configure_sriov(a(PF), SimSriov::igb(20));
-    host
 }
 
 fn vf_opts(assign: bool, runtime: bool, force: bool) -> VfCreateOptions {

@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use passthroughd::engine::INVENTORY_CACHE_TTL;
 use passthroughd_proto::{AssignOptions, ReleaseOptions};
 

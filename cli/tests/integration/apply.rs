@@ -3,19 +3,16 @@
 //! to golden files in tests/golden/ (hosts in several states).
 //!
 //! After a deliberate change of output, regenerate the golden files with
-//!     PT_BLESS=1 cargo test -p passthroughctl --test apply
+//!     PT_BLESS=1 cargo test -p passthroughctl --test integration apply::
 //! and review the diff: it shows exactly how the output changed.
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use passthroughd::kernel::Kernel;
-use passthroughd::service::{self, Backend, ServiceConfig};
 use passthroughd::{Engine, EngineConfig, PciIds};
 use passthroughd_proto::PciAddress;
 use passthroughd_testkit::sim::{SimDevice, SimKernel, SimSriov};
@@ -118,14 +115,7 @@ fn start(config: Option<&str>) -> Real {
         config: Some(dir.path().join("config.toml")),
     })
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine: Arc<dyn Backend> = Arc::new(engine);
-    let connection = runtime
-        .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
-        .unwrap();
+    let (runtime, connection) = serve_engine(&bus, engine);
     Real {
         _connection: connection,
         _runtime: runtime,
@@ -164,7 +154,8 @@ fn golden(name: &str, actual: &str) {
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e}; regenerate with PT_BLESS=1 cargo test -p passthroughctl --test apply",
+            "{}: {e}; regenerate with PT_BLESS=1 cargo test -p passthroughctl --test integration \
+             apply::",
             path.display()
         )
     });
@@ -172,7 +163,7 @@ fn golden(name: &str, actual: &str) {
         actual,
         expected,
         "{} differs; if the change is meant, regenerate with PT_BLESS=1 cargo test -p \
-         passthroughctl --test apply and review the diff",
+         passthroughctl --test integration apply:: and review the diff",
         path.display()
     );
 }

@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use passthroughd::engine::EngineOptions;
 use passthroughd::kernel::Kernel;
 use passthroughd::{Engine, ErrorKind};

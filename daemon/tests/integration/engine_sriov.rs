@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nix::errno::Errno;
 use passthroughd::engine::EngineOptions;
 use passthroughd::engine::plan::{
@@ -20,25 +18,8 @@ use passthroughd::{Engine, ErrorKind};
 use passthroughd_proto::{AssignOptions, DeviceIdentity, PciAddress, VfCreateOptions};
 use passthroughd_testkit::sim::{SimDevice, SimOp, SimSriov};
 
-const PF: &str = "0000:05:00.0";
 /// Group of VF 0; VF n is in group 20 + n.
 const VF_GROUP: u32 = 20;
-
-/// The common host plus an igb-like PF (7 VFs, none enabled) in group 10.
-fn sriov_host() -> Host {
-    sriov_host_with(SimSriov::igb(VF_GROUP))
-}
-
-fn sriov_host_with(config: SimSriov) -> Host {
-    let host = Host::new();
-    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
-    pf.device_id = 0x10c9;
-    pf.sriov_totalvfs = 7;
-    host.sim.add_device(&pf).unwrap();
-    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
-    host.sim.configure_sriov(a(PF), config);
-    host
-}
 
 fn vf(host: &Host, index: u32) -> PciAddress {
     host.sim.vf_address(a(PF), index).unwrap()

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use passthroughd::ErrorKind;
 use passthroughd::engine::EngineOptions;
 use passthroughd::observe::guard::StaticAddresses;

@@ -18,7 +18,7 @@ use passthroughd_testkit::bus::TestBus;
 use passthroughd_testkit::sim::{SimDevice, SimKernel};
 use zbus::proxy::CacheProperties;
 
-const SHIPPED: &str = include_str!("../../systemd/org.passthroughd.Passthrough1.service");
+const SHIPPED: &str = include_str!("../../../systemd/org.passthroughd.Passthrough1.service");
 const NIC: &str = "0000:01:00.0";
 
 /// The shipped activation file with `Exec=` replaced, and optionally `Name=`.

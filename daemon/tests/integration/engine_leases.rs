@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use passthroughd::engine::EngineOptions;
 use passthroughd::{Caller, Error, ErrorKind};
 use passthroughd_proto::{AssignOptions, LeaseOwner, ReleaseOptions, VfCreateOptions};

@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use nix::errno::Errno;
 use passthroughd::Engine;
 use passthroughd::engine::plan::{

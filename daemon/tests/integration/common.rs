@@ -19,7 +19,7 @@ use std::sync::Arc;
 use passthroughd::engine::{EngineOptions, StartupReport};
 use passthroughd::{Caller, Engine, EngineConfig, PciIds, SysfsRoot};
 use passthroughd_proto::PciAddress;
-use passthroughd_testkit::sim::{SimDevice, SimKernel};
+use passthroughd_testkit::sim::{SimDevice, SimKernel, SimSriov};
 
 pub fn a(s: &str) -> PciAddress {
     s.parse().unwrap()
@@ -145,4 +145,29 @@ impl Host {
         names.sort();
         names
     }
+}
+
+/// The SR-IOV PF of [`sriov_host`].
+pub const PF: &str = "0000:05:00.0";
+
+/// An igb-like PF: 7 VFs at most, on igb, in group 10.
+pub fn pf_device() -> SimDevice {
+    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
+    pf.device_id = 0x10c9;
+    pf.sriov_totalvfs = 7;
+    pf
+}
+
+/// The common host plus [`pf_device`] with no VFs enabled; VF n is in group 20 + n.
+pub fn sriov_host() -> Host {
+    sriov_host_with(SimSriov::igb(20))
+}
+
+/// [`sriov_host`] with the PF's SR-IOV behaviour given.
+pub fn sriov_host_with(config: SimSriov) -> Host {
+    let host = Host::new();
+    host.sim.add_device(&pf_device()).unwrap();
+    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
+    host.sim.configure_sriov(a(PF), config);
+    host
 }

@@ -5,36 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use passthroughd::Engine;
 use passthroughd::kernel::Kernel;
 use passthroughd::kernel::events::{Action, DeviceEvent};
 use passthroughd::service::events::{LONGEST, QUIET, next_batch};
 use passthroughd_proto::{AssignOptions, PciAddress};
-use passthroughd_testkit::sim::{SimDevice, SimSriov};
-
-const PF: &str = "0000:05:00.0";
-
-fn sriov_host() -> Host {
-    let host = Host::new();
-    host.sim.add_device(&pf_device()).unwrap();
-    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
-    host.sim.configure_sriov(a(PF), SimSriov::igb(20));
-    host
-}
-
-fn pf_device() -> SimDevice {
-    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
-    pf.device_id = 0x10c9;
-    pf.sriov_totalvfs = 7;
-    pf
-}
+use passthroughd_testkit::sim::SimDevice;
 
 fn nic2_device() -> SimDevice {
     let mut nic2 = SimDevice::new(a(NIC2), 0x020000, Some("igb"), 6);

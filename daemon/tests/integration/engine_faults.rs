@@ -7,30 +7,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use nix::errno::Errno;
 use passthroughd::engine::{Engine, EngineOptions};
 use passthroughd::{Error, ErrorKind};
 use passthroughd_proto::{AssignOptions, ReleaseOptions, VfCreateOptions};
-use passthroughd_testkit::sim::{SimDevice, SimSriov};
-
-const PF: &str = "0000:05:00.0";
-
-/// The common host plus an igb-like PF (7 VFs) in group 10, VFs in 20 + n.
-fn host() -> Host {
-    let host = Host::new();
-    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
-    pf.device_id = 0x10c9;
-    pf.sriov_totalvfs = 7;
-    host.sim.add_device(&pf).unwrap();
-    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
-    host.sim.configure_sriov(a(PF), SimSriov::igb(20));
-    host
-}
 
 /// Everything an operation may change: each function's driver and override, the PF's VF count
 /// and autoprobe, state.toml.
@@ -156,7 +139,7 @@ fn apply(host: &Host, m: &Engine, entries: &str) -> Result<(), Error> {
 /// Runs `setup` on a fresh host (in an engine of its own, then closed, so that the next one
 /// starts from a quiet state) and returns the host.
 fn prepared(setup: Setup) -> Host {
-    let host = host();
+    let host = sriov_host();
     {
         let (m, _) = host.open();
         setup(&host, &m);

@@ -1,6 +1,6 @@
 //! `passthroughd host` (the offline subcommand) prints exactly the library report of its root:
 //! `--json` is `serde_json::to_string_pretty(report_live(root))` plus a newline, and text is
-//! `render_text`. `cli/tests/dbus_host.rs` checks `passthroughctl host` against the same strings,
+//! `render_text`. `cli/tests/integration/dbus_host.rs` checks `passthroughctl host` against the same strings,
 //! so the two commands print the same report.
 
 #![allow(clippy::unwrap_used)]

@@ -4,27 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use passthroughd::ErrorKind;
 use passthroughd::kernel::Kernel;
 use passthroughd_proto::{ApplyReport, AssignOptions, ReleaseOptions};
-use passthroughd_testkit::sim::{SimDevice, SimSriov};
-
-const PF: &str = "0000:05:00.0";
-
-/// The common host plus an igb-like PF (7 VFs, none enabled) in group 10, VFs in 20 + n.
-fn sriov_host() -> Host {
-    let host = Host::new();
-    let mut pf = SimDevice::new(a(PF), 0x020000, Some("igb"), 10);
-    pf.device_id = 0x10c9;
-    pf.sriov_totalvfs = 7;
-    host.sim.add_device(&pf).unwrap();
-    std::fs::write(host.root().pci_device_attr(a(PF), "sriov_numvfs"), "0\n").unwrap();
-    host.sim.configure_sriov(a(PF), SimSriov::igb(20));
-    host
-}
 
 fn vf(host: &Host, index: u32) -> String {
     host.sim.vf_address(a(PF), index).unwrap().to_string()

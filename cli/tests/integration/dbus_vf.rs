@@ -5,15 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use passthroughd::service::{self, Backend, ServiceConfig};
+use crate::common::*;
 use passthroughd::{Engine, EngineConfig, PciIds};
 use passthroughd_proto::PciAddress;
 use passthroughd_proto::dbus::ManagerProxy;
@@ -81,14 +78,7 @@ fn start() -> Real {
         config: None,
     })
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine: Arc<dyn Backend> = Arc::new(manager);
-    let connection = runtime
-        .block_on(service::serve(&bus.bus(), engine, ServiceConfig::default()))
-        .unwrap();
+    let (runtime, connection) = serve_engine(&bus, manager);
     Real {
         _connection: connection,
         runtime,
