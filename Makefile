@@ -10,8 +10,8 @@ VM_SCENARIOS := tests/vm/scenarios/inventory.sh tests/vm/scenarios/host.sh tests
 # Benchmarks run the release binaries: timings of a debug build say nothing about the product.
 VM_BENCHES := tests/vm/scenarios/bench-assign.sh tests/vm/scenarios/bench-sriov.sh tests/vm/scenarios/bench-apply.sh
 
-.PHONY: demo demo-short test setup build release lint unit vm vm-bench bench capture \
-	install uninstall install-check deb
+.PHONY: demo demo-short test test-long setup build release lint unit load vm vm-bench bench \
+	capture install uninstall install-check deb
 
 ## demo: boot a throwaway VM (real 6.12 kernel, emulated IOMMU and SR-IOV NIC), run the daemon on
 ## a system bus inside it and walk through the CLI as a recorded terminal session
@@ -20,7 +20,11 @@ demo: setup release
 
 ## test: everything CI runs: lint, unit and fixture tests, the install tree, then the real-kernel
 ## VM scenarios and the demo's short form
-test: setup lint unit install-check vm vm-bench demo-short
+test: setup lint unit load install-check vm vm-bench demo-short
+
+## test-long: the long forms, after everything `make test` runs: the D-Bus load for 60 s
+test-long: test
+	$(MAKE) --no-print-directory load PT_LOAD_SECS=60
 
 # The demo in CI, so it cannot rot: fewer steps, every step still checked.
 demo-short: release
@@ -43,6 +47,13 @@ lint:
 
 unit:
 	$(CARGO) test --workspace
+
+# 64 D-Bus clients with mixed requests against the real engine over the simulated kernel, one
+# device blocked in the kernel (cli/tests/integration/load.rs): prints throughput and latencies.
+PT_LOAD_SECS ?= 5
+load:
+	PT_LOAD_SECS=$(PT_LOAD_SECS) $(CARGO) test -p passthroughctl --test integration load:: -- \
+	  --ignored --nocapture
 
 # installed.sh runs the daemon from an install tree (DESTDIR=PT_OUT/root) made here beforehand:
 # the guest sees the repository read-only and cannot build.

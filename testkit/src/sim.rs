@@ -432,7 +432,11 @@ impl SimKernel {
                 .filter(|l| !l.starts_with("DRIVER="))
                 .map(str::to_owned),
         );
-        fs::write(uevent, lines.join("\n") + "\n")
+        // Replaced whole: the kernel builds `uevent` at each read, so a reader never sees it
+        // empty (the inventory takes an empty one for a vanished device).
+        let temp = dir.join(".uevent.new");
+        fs::write(&temp, lines.join("\n") + "\n")?;
+        fs::rename(temp, uevent)
     }
 
     /// Removes a function as a hot-unplug would: every link to it and its directory.

@@ -11,3 +11,4 @@ mod dbus_engine;
 mod dbus_host;
 mod dbus_vf;
 mod libvirt_hook;
+mod load;

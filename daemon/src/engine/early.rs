@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::kernel::sysfs::{SysfsRoot, read_link_name};
 use crate::observe::inventory::Inventory;
 use crate::observe::pciids::PciIds;
+use crate::store::atomic::read_own_file;
 use crate::store::config::LAST_GOOD;
 use crate::store::state::State;
 
@@ -37,9 +38,9 @@ pub fn claimed(
     if f.is_bridge() {
         return Ok(None);
     }
-    let config = match std::fs::read_to_string(state_dir.join(LAST_GOOD)) {
-        Ok(text) => Config::parse(&text, LAST_GOOD).ok(),
-        Err(_) => None,
+    let config = match read_own_file(&state_dir.join(LAST_GOOD)) {
+        Ok(Some(text)) => Config::parse(&text, LAST_GOOD).ok(),
+        Ok(None) | Err(_) => None,
     };
     if let Some(config) = &config {
         if config.protect.contains(&address) {

@@ -302,7 +302,8 @@ impl Engine {
             generation,
             cache_enabled: AtomicBool::new(false),
         };
-        if let Some(e) = lock(&engine.config).state().error {
+        let config_error = lock(&engine.config).state().error;
+        if let Some(e) = config_error {
             engine.note_error(&format!("config: {e}"));
         }
         let mut report = StartupReport {
@@ -377,11 +378,14 @@ impl Engine {
         let functions: Vec<&PciFunction> = inventory.functions.iter().collect();
         let snapshot =
             HostSnapshot::gather(&self.root, &functions, self.options.addresses.as_ref());
+        // Each lock let go before the next is taken (see `status`).
+        let registry = lock(&self.registry).clone();
+        let config = self.config_in_force();
         Ok(Read {
             inventory,
             snapshot,
-            registry: lock(&self.registry).clone(),
-            config: self.config_in_force(),
+            registry,
+            config,
         })
     }
 

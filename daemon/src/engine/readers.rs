@@ -51,9 +51,12 @@ impl Engine {
     /// finished, a PCI uevent arrived, or [`INVENTORY_CACHE_TTL`] passed. Without the listener
     /// every read scans. Concurrent readers share one scan.
     pub fn snapshot(&self) -> Result<Arc<Inventory>, Error> {
+        // A scan that started at or after `generation` (taken when this reader came in) saw
+        // every change made before: readers queued behind one scan share it, instead of each
+        // scanning again after every change made meanwhile (a convoy under steady writes).
         let fresh = |generation: u64| {
             lock(&self.cached).as_ref().and_then(|(g, at, inventory)| {
-                (*g == generation && at.elapsed() < INVENTORY_CACHE_TTL)
+                (*g != u64::MAX && *g >= generation && at.elapsed() < INVENTORY_CACHE_TTL)
                     .then(|| Arc::clone(inventory))
             })
         };
@@ -62,7 +65,7 @@ impl Engine {
             *lock(&self.cached) = Some((u64::MAX, Instant::now(), Arc::clone(&inventory)));
             return Ok(inventory);
         }
-        // Taken before the scan: a change during the scan leaves the entry already stale.
+        // Taken on arrival: only a scan that started since then will do.
         let generation = self.generation.load(Ordering::Acquire);
         if let Some(inventory) = fresh(generation) {
             return Ok(inventory);
@@ -71,9 +74,12 @@ impl Engine {
         if let Some(inventory) = fresh(generation) {
             return Ok(inventory);
         }
+        // The generation now, not at arrival: later readers that came in before this scan
+        // started may share it.
+        let scan_generation = self.generation.load(Ordering::Acquire);
         let started = Instant::now();
         let scanned = Arc::new(self.inventory_with_holders()?);
-        *lock(&self.cached) = Some((generation, started, Arc::clone(&scanned)));
+        *lock(&self.cached) = Some((scan_generation, started, Arc::clone(&scanned)));
         Ok(scanned)
     }
 
@@ -162,18 +168,27 @@ impl Engine {
                 refused: set.refused.clone(),
             })
             .collect();
+        // One lock at a time, each let go before the next: a guard left as a temporary in
+        // the struct below would be held while later fields take other locks, in another
+        // order than requests take them (that froze the daemon once).
+        let assignments = self.assignments();
+        let config = lock(&self.config).state();
+        let refused = lock(&self.last_refused).clone();
+        let leases = self.leases();
+        let hotplug = lock(&self.hotplug).iter().cloned().collect();
+        let last_errors = lock(&self.errors).iter().cloned().collect();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
-            assignments: self.assignments(),
+            assignments,
             vf_sets,
-            config: Some(lock(&self.config).state()),
-            refused: lock(&self.last_refused).clone(),
-            leases: self.leases(),
-            hotplug: lock(&self.hotplug).iter().cloned().collect(),
+            config: Some(config),
+            refused,
+            leases,
+            hotplug,
             pending: self.executor.pending(),
             unfinished: self.executor.unfinished(),
-            last_errors: lock(&self.errors).iter().cloned().collect(),
+            last_errors,
         }
     }
 

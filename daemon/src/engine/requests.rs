@@ -169,15 +169,23 @@ impl Engine {
     }
 
     /// The first `count` VFs of `pf` as `vf list` shows them, read fresh; with `holders`, who
-    /// holds them open (a /proc walk: not needed for VFs just created).
+    /// holds them open (a /proc walk: not needed for VFs just created). Those there now: the
+    /// plan that made them has let go of the PF, and a `vf destroy` may already have come in
+    /// (a create that was done is not answered with an error for that).
     pub(super) fn describe_vfs(
         &self,
         pf: PciAddress,
         count: u32,
         holders: bool,
     ) -> Result<Vec<VfInfo>, Error> {
-        let addresses = self.drivers.wait_for_vfs(pf, count, Duration::ZERO)?;
-        let keys = self.executor.lock_keys(&addresses)?;
+        let addresses: Vec<PciAddress> = (0..count)
+            .map_while(|index| self.drivers.vf(pf, index).ok().flatten())
+            .collect();
+        let keys = addresses
+            .iter()
+            .filter_map(|&a| self.executor.lock_keys(&[a]).ok())
+            .flatten()
+            .collect();
         let inventory = inventory_of(&self.root, &self.ids, &keys)?;
         let vfs: Vec<&PciFunction> = addresses
             .iter()

@@ -12,7 +12,7 @@ use passthroughd_proto::ConfigState;
 use passthroughd_proto::config::Config;
 use tracing::{info, warn};
 
-use crate::store::atomic::write_atomic;
+use crate::store::atomic::{read_own_file, write_atomic};
 
 /// The copy of the last good config in the state dir.
 pub const LAST_GOOD: &str = "last-good-config.toml";
@@ -41,7 +41,7 @@ impl ConfigSlot {
         slot.reload();
         if slot.good.is_none() {
             let copy = state_dir.join(LAST_GOOD);
-            if let Ok(text) = std::fs::read_to_string(&copy) {
+            if let Ok(Some(text)) = read_own_file(&copy) {
                 match Config::parse(&text, &copy.display().to_string()) {
                     Ok(config) => {
                         warn!(config = %slot.path.display(),

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::store::atomic::{remove_durably, write_atomic};
+use crate::store::atomic::{read_own_file, remove_durably, write_atomic};
 
 /// Version 2 journals a whole plan; version 1 journals (an intent per operation) are set aside.
 const VERSION: i64 = 2;
@@ -159,14 +159,19 @@ pub fn pending<P: DeserializeOwned>(dir: &Path) -> Result<Vec<Pending<P>>, Store
 }
 
 fn read<P: DeserializeOwned>(path: &Path) -> Result<(P, bool), String> {
-    let text = std::fs::read(path).map_err(|e| e.to_string())?;
-    let version: serde_json::Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    let text = match read_own_file(path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Err("it disappeared".into()),
+        Err(StoreError::Unusable { why, .. }) => return Err(why),
+        Err(e) => return Err(e.to_string()),
+    };
+    let version: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     match version.get("version").and_then(serde_json::Value::as_i64) {
         Some(VERSION) => {}
         Some(v) => return Err(format!("journal format version {v}")),
         None => return Err("no format version".into()),
     }
-    let file: JournalFile<P> = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    let file: JournalFile<P> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     Ok((file.plan, file.undoing))
 }
 
@@ -196,6 +201,22 @@ mod tests {
         entry.finish().unwrap();
         assert!(pending::<Plan>(dir.path()).unwrap().is_empty());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    proptest::proptest! {
+        /// Whatever a journal file holds, recovery gets its plan or a reason, never a panic.
+        #[test]
+        fn arbitrary_journal_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("journal-1-0.json"), &bytes).unwrap();
+            let found = pending::<Plan>(dir.path()).unwrap();
+            proptest::prop_assert_eq!(found.len(), 1);
+            if let Err(why) = &found[0].1 {
+                proptest::prop_assert!(!why.is_empty());
+            }
+        }
     }
 
     #[test]

@@ -31,14 +31,13 @@
 //! either the old or the new file. A file with a version we do not know is an error and is
 //! never overwritten: a newer daemon wrote it.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use passthroughd_proto::{DeviceIdentity, LeaseOwner, PciAddress};
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::store::atomic::{one_line, write_atomic};
+use crate::store::atomic::{one_line, read_own_file, write_atomic};
 
 pub const STATE_FILE: &str = "state.toml";
 /// Version 3 stores VF assignments by (PF, index) and says where each entry comes from;
@@ -159,16 +158,8 @@ impl State {
     /// Reads `state.toml`; an absent file is an empty state.
     pub fn load(state_dir: &Path) -> Result<Self, StoreError> {
         let path = Self::path(state_dir);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "reading",
-                    path,
-                    source,
-                });
-            }
+        let Some(text) = read_own_file(&path)? else {
+            return Ok(Self::default());
         };
         let bad = |why: String| StoreError::Unusable {
             path: path.clone(),
@@ -325,6 +316,56 @@ mod tests {
         let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
         assert!(text.starts_with("version = 3\n"), "{text}");
         assert_eq!(State::load(dir.path()).unwrap(), state);
+    }
+
+    /// A valid file of two entries, for the damage below.
+    const GOOD: &str = "version = 3\n\n[[assignment]]\naddress = \"0000:01:00.0\"\n\
+        vendor_id = \"8086\"\ndevice_id = \"10c9\"\nsubsystem_vendor_id = \"8086\"\n\
+        subsystem_device_id = \"a03c\"\nprevious_driver = \"igb\"\nsource = \"request\"\n\n\
+        [[vfs]]\npf = \"0000:05:00.0\"\nvendor_id = \"8086\"\ndevice_id = \"10c9\"\n\
+        subsystem_vendor_id = \"8086\"\nsubsystem_device_id = \"a03c\"\ncount = 4\n\
+        assigned = [0, 1]\nsource = \"config\"\n";
+
+    /// Loads `bytes` as state.toml: a state, or one line that names the file.
+    fn load_or_one_line(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(State::path(dir.path()), bytes).unwrap();
+        if let Err(e) = State::load(dir.path()) {
+            let line = e.to_string();
+            prop_assert!(!line.contains('\n'), "{line}");
+            prop_assert!(line.contains(STATE_FILE), "{line}");
+        }
+        Ok(())
+    }
+
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            load_or_one_line(&bytes)?;
+        }
+
+        #[test]
+        fn a_damaged_file_loads_or_fails_in_one_line(
+            cut in 0..GOOD.len(),
+            at in 0..GOOD.len(),
+            byte in any::<u8>(),
+        ) {
+            let mut bytes = GOOD.as_bytes()[..cut.max(1)].to_vec();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            load_or_one_line(&bytes)?;
+        }
+    }
+
+    #[test]
+    fn the_damage_base_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(State::path(dir.path()), GOOD).unwrap();
+        let state = State::load(dir.path()).unwrap();
+        assert_eq!((state.assignments.len(), state.vfs.len()), (1, 1));
     }
 
     #[test]

@@ -624,3 +624,36 @@ fn a_resize_keeps_assigned_vfs_on_vfio_unless_forced() {
     assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
     m.vf_destroy(&caller(), a(PF), true).unwrap();
 }
+
+/// `status` took the config lock and then, still holding it, the registry (through the lease
+/// list), while every request took the registry and then the config: two locks taken in
+/// opposite orders. Under load (tests in cli/tests/integration/load.rs) the daemon froze for
+/// good. Each side here runs in a loop; a deadlock shows as threads that never finish.
+#[test]
+fn status_and_requests_taking_the_same_locks_never_deadlock() {
+    let host = Host::new();
+    let (m, _) = host.open();
+    let m = std::sync::Arc::new(m);
+    let until = Instant::now() + Duration::from_millis(1500);
+    let (done, finished) = std::sync::mpsc::channel();
+    for worker in 0..6 {
+        let (m, done) = (std::sync::Arc::clone(&m), done.clone());
+        std::thread::spawn(move || {
+            let nic = if worker % 2 == 0 { NIC } else { NIC2 };
+            while Instant::now() < until {
+                if worker < 2 {
+                    let _ = m.assign(&caller(), &[a(nic)], AssignOptions::default());
+                    let _ = m.release(&caller(), &[a(nic)], ReleaseOptions::default());
+                } else {
+                    let _ = m.status();
+                }
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..6 {
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a thread never finished: status and a request deadlocked");
+    }
+}

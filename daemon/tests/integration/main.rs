@@ -22,3 +22,4 @@ mod host_cli;
 mod host_fixtures;
 mod inventory_fixtures;
 mod inventory_synthetic;
+mod storage_faults;

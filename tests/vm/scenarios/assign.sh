@@ -118,4 +118,33 @@ check crash-runtime-not-in-state sh -c "! grep -q '$e1000e' '$STATE_DIR/state.to
 
 stop_daemon
 cp "$STATE_DIR"/state.toml "$PT_OUT/" 2>/dev/null
+
+# Storage faults on a real filesystem: the state dir on a small tmpfs, full, then read-only. A
+# request that cannot be recorded is refused with the kernel's reason and changes nothing; the
+# stored state is kept as it was.
+mount -t tmpfs -o size=256k,mode=0700 ptstate "$STATE_DIR"
+check storage-daemon-starts start_daemon
+exit_is storage-assign 0 "$CTL" assign "$e1000e"
+cp "$STATE_DIR/state.toml" "$PT_OUT/state.good"
+dd if=/dev/zero of="$STATE_DIR/fill" bs=4k >/dev/null 2>&1 # until the filesystem is full
+exit_is disk-full-assign-refused 1 "$CTL" assign "$pf"
+check disk-full-reason grep -q "No space left on device" "$PT_OUT/last.err"
+expect_eq disk-full-assign-changes-nothing "$(driver_of "$pf")" igb
+exit_is disk-full-release-refused 1 "$CTL" release "$e1000e"
+expect_eq disk-full-release-keeps-assignment "$(driver_of "$e1000e")" vfio-pci
+check disk-full-state-kept cmp "$STATE_DIR/state.toml" "$PT_OUT/state.good"
+no_leftovers() { ! ls -A "$STATE_DIR" | grep -q -e '^journal-' -e '\.tmp$'; }
+check disk-full-no-journal-left no_leftovers
+rm -f "$STATE_DIR/fill"
+mount -o remount,ro "$STATE_DIR"
+exit_is read-only-assign-refused 1 "$CTL" assign "$pf"
+check read-only-reason grep -q "Read-only file system" "$PT_OUT/last.err"
+expect_eq read-only-changes-nothing "$(driver_of "$pf")" igb
+check read-only-state-kept cmp "$STATE_DIR/state.toml" "$PT_OUT/state.good"
+mount -o remount,rw "$STATE_DIR"
+exit_is storage-back-assign 0 "$CTL" assign "$pf"
+exit_is storage-back-release 0 "$CTL" release "$pf" "$e1000e"
+expect_eq storage-back-restores "$(driver_of "$pf") $(driver_of "$e1000e")" "igb e1000e"
+stop_daemon
+umount "$STATE_DIR"
 finish
