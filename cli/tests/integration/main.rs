@@ -10,5 +10,6 @@ mod dbus_cli;
 mod dbus_engine;
 mod dbus_host;
 mod dbus_vf;
+mod hostile;
 mod libvirt_hook;
 mod load;

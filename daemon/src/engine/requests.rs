@@ -100,16 +100,7 @@ impl Engine {
         options: VfCreateOptions,
     ) -> Result<Vec<VfInfo>, Error> {
         // Before anything is read or built from it: a count no PF can have.
-        if count == 0 {
-            return Err(Error::InvalidArgument(
-                "a count of 0 creates no VFs; use vf destroy to remove them".into(),
-            ));
-        }
-        if count > u32::from(u16::MAX) {
-            return Err(Error::InvalidArgument(format!(
-                "a PF has at most 65535 VFs; {count} asked for"
-            )));
-        }
+        planner::vfs::check_requested_count(count)?;
         let (guard, view) = self.lock_pf(caller, pf, "a vf create")?;
         // Against the PF before any set is built from the count.
         let f = planner::vfs::check_pf(&view.inventory, pf)?;

@@ -651,6 +651,7 @@ impl ManagerObject {
         force: bool,
     ) -> Result<Vec<Dict>, proto_dbus::Error> {
         let pf = parse_address(&pf).map_err(|e| to_dbus(&e))?;
+        crate::engine::planner::vfs::check_requested_count(count).map_err(|e| to_dbus(&e))?;
         let caller = self.authorize(conn, &header).await?;
         let options = VfCreateOptions {
             assign,

@@ -36,6 +36,22 @@ pub struct VfCreate {
     pub release_others: bool,
 }
 
+/// A VF count a create may ask for at all, before any PF is looked at: 1 to 65535 (the PCI
+/// SR-IOV capability counts VFs in 16 bits). The D-Bus service checks it on arrival too.
+pub fn check_requested_count(count: u32) -> Result<(), Error> {
+    if count == 0 {
+        return Err(Error::InvalidArgument(
+            "a count of 0 creates no VFs; use vf destroy to remove them".into(),
+        ));
+    }
+    if count > u32::from(u16::MAX) {
+        return Err(Error::InvalidArgument(format!(
+            "a PF has at most 65535 VFs; {count} asked for"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that `pf` names an SR-IOV physical function.
 pub fn check_pf(inventory: &Inventory, pf: PciAddress) -> Result<&PciFunction, Error> {
     let f = inventory.function(pf).ok_or(Error::NoSuchDevice(pf))?;
