@@ -158,7 +158,9 @@ raw_release() {
 
 # exit_is NAME CODE COMMAND...: the command exits with CODE; its stderr is kept for later checks.
 exit_is() {
-    local name="$1" code="$2"; shift 2
-    "$@" >"$PT_OUT/last.out" 2>"$PT_OUT/last.err"
-    expect_eq "$name" "$?" "$code"
+    local name="$1" code="$2" rc; shift 2
+    "$@" >"$PT_OUT/last.out" 2>"$PT_OUT/last.err"; rc=$?
+    # A wrong exit code leaves its reason next to it (last.err is overwritten by the next call).
+    [ "$rc" = "$code" ] || note "$name: $(head -c 300 "$PT_OUT/last.err" | tr '\n' ' ')"
+    expect_eq "$name" "$rc" "$code"
 }
