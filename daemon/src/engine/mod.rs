@@ -346,19 +346,32 @@ impl Engine {
         holder: &str,
     ) -> Result<(LockGuard, Read), Error> {
         caller.check_deadline("the request")?;
-        let mut functions = vec![pf];
-        for index in 0.. {
-            match self.drivers.vf(pf, index)? {
-                Some(vf) => functions.push(vf),
-                None => break,
-            }
-        }
-        let keys = self.executor.lock_keys(&functions)?;
+        let keys = self.pf_lock_keys(pf)?;
         let mut guard = self.locks.acquire(keys, holder, self.options.group_wait)?;
         caller.check_deadline("the request")?;
         self.executor.settle(&mut guard)?;
+        // Listed again under the lock: VFs made while this request waited are locked too.
+        guard.extend(self.pf_lock_keys(pf)?, holder, self.options.group_wait)?;
         let read = self.read(guard.keys(), &[pf])?;
         Ok((guard, read))
+    }
+
+    /// The locks of `pf` and of its VFs now. The VFs are listed before their PF is locked, so
+    /// one may go (a `vf destroy` holding the PF) between its listing and its lock: a VF gone
+    /// has no lock to take, not an error.
+    fn pf_lock_keys(&self, pf: PciAddress) -> Result<BTreeSet<LockKey>, Error> {
+        let mut keys = self.executor.lock_keys(&[pf])?;
+        for index in 0.. {
+            match self.drivers.vf(pf, index)? {
+                Some(vf) => match self.executor.lock_keys(&[vf]) {
+                    Ok(vf_keys) => keys.extend(vf_keys),
+                    Err(Error::NoSuchDevice(_)) => {}
+                    Err(e) => return Err(e),
+                },
+                None => break,
+            }
+        }
+        Ok(keys)
     }
 
     /// The inventory of `keys` (plus the PFs of VFs among `addresses`), and the guard's facts
