@@ -356,19 +356,30 @@ impl Engine {
         Ok((guard, read))
     }
 
-    /// The locks of `pf` and of its VFs now. The VFs are listed before their PF is locked, so
-    /// one may go (a `vf destroy` holding the PF) between its listing and its lock: a VF gone
-    /// has no lock to take, not an error.
+    /// The locks of `pf` and of its VFs now.
     fn pf_lock_keys(&self, pf: PciAddress) -> Result<BTreeSet<LockKey>, Error> {
-        let mut keys = self.executor.lock_keys(&[pf])?;
+        let mut vfs = Vec::new();
         for index in 0.. {
             match self.drivers.vf(pf, index)? {
-                Some(vf) => match self.executor.lock_keys(&[vf]) {
-                    Ok(vf_keys) => keys.extend(vf_keys),
-                    Err(Error::NoSuchDevice(_)) => {}
-                    Err(e) => return Err(e),
-                },
+                Some(vf) => vfs.push(vf),
                 None => break,
+            }
+        }
+        let mut keys = self.executor.lock_keys(&[pf])?;
+        keys.extend(self.lock_keys_of_present(&vfs)?);
+        Ok(keys)
+    }
+
+    /// The locks of those of `vfs` still there. VFs are listed before their PF is locked, so
+    /// one may go (a `vf destroy` holding the PF) between its listing and its lock: a VF gone
+    /// has no lock to take, not an error. Any other failure to read a lock is one.
+    fn lock_keys_of_present(&self, vfs: &[PciAddress]) -> Result<BTreeSet<LockKey>, Error> {
+        let mut keys = BTreeSet::new();
+        for &vf in vfs {
+            match self.executor.lock_keys(&[vf]) {
+                Ok(vf_keys) => keys.extend(vf_keys),
+                Err(Error::NoSuchDevice(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(keys)

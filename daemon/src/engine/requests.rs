@@ -172,11 +172,7 @@ impl Engine {
         let addresses: Vec<PciAddress> = (0..count)
             .map_while(|index| self.drivers.vf(pf, index).ok().flatten())
             .collect();
-        let keys = addresses
-            .iter()
-            .filter_map(|&a| self.executor.lock_keys(&[a]).ok())
-            .flatten()
-            .collect();
+        let keys = self.lock_keys_of_present(&addresses)?;
         let inventory = inventory_of(&self.root, &self.ids, &keys)?;
         let vfs: Vec<&PciFunction> = addresses
             .iter()

@@ -224,6 +224,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
     use super::*;
 
     fn identity() -> StoredIdentity {
@@ -337,9 +340,6 @@ mod tests {
         }
         Ok(())
     }
-
-    use proptest::prelude::*;
-    use proptest::test_runner::TestCaseError;
 
     proptest! {
         #[test]
