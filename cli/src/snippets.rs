@@ -104,7 +104,7 @@ mod tests {
             "<domain><name>d</name><devices>{}</devices></domain>",
             render(Vmm::Libvirt, &addresses)
         );
-        let devices = crate::libvirt::domain_devices(&xml).unwrap();
+        let devices = passthroughd_proto::domain_xml::domain_devices(&xml).unwrap();
         assert_eq!(devices.functions, addresses);
     }
 }

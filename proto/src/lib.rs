@@ -6,6 +6,8 @@ pub mod address;
 pub mod config;
 pub mod dbus;
 pub mod device;
+#[cfg(feature = "domain-xml")]
+pub mod domain_xml;
 pub mod ops;
 pub mod table;
 pub mod wire;

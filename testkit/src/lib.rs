@@ -4,6 +4,7 @@
 //! scripted VFIO ([`vfio`]).
 
 pub mod bus;
+pub mod fuzz;
 pub mod sim;
 pub mod synthetic;
 pub mod vfio;

@@ -45,7 +45,7 @@ mkdir -p "$PT_OUT" || die "cannot create PT_OUT=$PT_OUT"
 PT_OUT="$(cd "$PT_OUT" && pwd)"
 RESULTS="$PT_OUT/results.txt"
 CONSOLE="$PT_OUT/console.log"
-rm -f "$RESULTS" "$CONSOLE"
+rm -f "$RESULTS" "$CONSOLE" "$PT_OUT/kernel-console.log" "$PT_OUT/dmesg.txt"
 
 kvm_works() {
     [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
@@ -103,6 +103,11 @@ QEMU_OPTS=(
     -device virtio-9p-pci,fsdev=ptcache,mount_tag=ptcache,bus=pcie.0,addr=0x14.0
     -device pcie-root-port,id=rp_igb1,bus=pcie.0,addr=0x15.0,chassis=5,slot=5
     -device igb,id=igb1,bus=rp_igb1,mac=52:54:00:12:06:00
+    # The guest kernel's console also on ttyS1, into a host file (console=ttyS1 below; ttyS0 stays
+    # last, so it stays /dev/console for vng's init). vng sends its own console to /dev/null, and a
+    # guest that panics leaves only this behind. loglevel stays 1: it holds only oopses and panics,
+    # which force themselves onto the console.
+    -serial "file:$PT_OUT/kernel-console.log"
 )
 
 q() { printf '%q ' "$@"; }
@@ -115,13 +120,13 @@ set +e
 if [ "${PT_VM_QUIET:-0}" = 1 ]; then
     timeout --kill-after=15 "$TIMEOUT" vng --run "$KERNEL" "${ACCEL_ARGS[@]}" --disable-microvm --force-9p \
         --memory "$MEM" --cpus "$CPUS" --network user --rwdir "$PT_OUT=$PT_OUT" \
-        --append "intel_iommu=on iommu=pt" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
+        --append "intel_iommu=on iommu=pt console=ttyS1 console=ttyS0" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
         --exec "$GUEST_CMD" </dev/null >"$CONSOLE" 2>&1
     rc=$?
 else
     timeout --kill-after=15 "$TIMEOUT" vng --run "$KERNEL" "${ACCEL_ARGS[@]}" --disable-microvm --force-9p \
         --memory "$MEM" --cpus "$CPUS" --network user --rwdir "$PT_OUT=$PT_OUT" \
-        --append "intel_iommu=on iommu=pt" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
+        --append "intel_iommu=on iommu=pt console=ttyS1 console=ttyS0" --qemu-opts="$(q "${QEMU_OPTS[@]}")" \
         --exec "$GUEST_CMD" </dev/null 2>&1 | tee "$CONSOLE"
     rc=${PIPESTATUS[0]}
 fi
@@ -138,7 +143,13 @@ fi
 if [ ! -f "$RESULTS" ] || ! grep -q '^DONE ' "$RESULTS"; then
     echo "run.sh: FAILED: no results from the guest (scenario died or guest crashed); console tail:" >&2
     tail -n 30 "$CONSOLE" >&2
-    exit 1
+    if [ -s "$PT_OUT/kernel-console.log" ]; then
+        echo "run.sh: the guest kernel's console (oopses and panics):" >&2
+        tail -n 60 "$PT_OUT/kernel-console.log" >&2
+    fi
+    echo "run.sh: the guest kernel's last messages ($PT_OUT/dmesg.txt):" >&2
+    tail -n 20 "$PT_OUT/dmesg.txt" >&2 2>/dev/null || true
+    exit 3   # told apart from failed checks (1): the guest died
 fi
 grep '^FAIL ' "$RESULTS" >&2 || true
 summary="$(grep '^DONE ' "$RESULTS" | tail -n1)"

@@ -165,13 +165,18 @@ fn read<P: DeserializeOwned>(path: &Path) -> Result<(P, bool), String> {
         Err(StoreError::Unusable { why, .. }) => return Err(why),
         Err(e) => return Err(e.to_string()),
     };
-    let version: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    parse(&text)
+}
+
+/// A journal file's plan and whether it was being undone, or why it cannot be used.
+pub fn parse<P: DeserializeOwned>(text: &str) -> Result<(P, bool), String> {
+    let version: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     match version.get("version").and_then(serde_json::Value::as_i64) {
         Some(VERSION) => {}
         Some(v) => return Err(format!("journal format version {v}")),
         None => return Err("no format version".into()),
     }
-    let file: JournalFile<P> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let file: JournalFile<P> = serde_json::from_str(text).map_err(|e| e.to_string())?;
     Ok((file.plan, file.undoing))
 }
 

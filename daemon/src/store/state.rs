@@ -158,15 +158,20 @@ impl State {
     /// Reads `state.toml`; an absent file is an empty state.
     pub fn load(state_dir: &Path) -> Result<Self, StoreError> {
         let path = Self::path(state_dir);
-        let Some(text) = read_own_file(&path)? else {
-            return Ok(Self::default());
-        };
+        match read_own_file(&path)? {
+            Some(text) => Self::parse(&text, &path),
+            None => Ok(Self::default()),
+        }
+    }
+
+    /// The state in `text`, the contents of `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, StoreError> {
         let bad = |why: String| StoreError::Unusable {
-            path: path.clone(),
+            path: path.to_owned(),
             why,
         };
         // Check the version before the schema: a newer layout must be named as such.
-        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad(one_line(&e)))?;
         match table.get("version").and_then(toml::Value::as_integer) {
             Some(v) if READABLE_VERSIONS.contains(&v) => {}
             Some(v) => {
@@ -177,7 +182,7 @@ impl State {
             }
             None => return Err(bad("no format version".into())),
         }
-        let file: StateFile = toml::from_str(&text).map_err(|e| bad(one_line(&e)))?;
+        let file: StateFile = toml::from_str(text).map_err(|e| bad(one_line(&e)))?;
         let mut state = Self {
             assignments: file.assignments,
             vfs: file.vfs,
@@ -199,8 +204,8 @@ impl State {
         });
     }
 
-    /// Writes `state.toml` atomically.
-    pub fn save(&self, state_dir: &Path) -> Result<(), StoreError> {
+    /// The text of `state.toml`, entries sorted (what [`Self::parse`] reads back as `self`).
+    pub fn to_toml(&self) -> Result<String, String> {
         let mut sorted = self.clone();
         sorted.sort();
         let file = StateFile {
@@ -208,10 +213,15 @@ impl State {
             assignments: sorted.assignments,
             vfs: sorted.vfs,
         };
+        toml::to_string(&file).map_err(|e| format!("cannot encode it: {e}"))
+    }
+
+    /// Writes `state.toml` atomically.
+    pub fn save(&self, state_dir: &Path) -> Result<(), StoreError> {
         let path = Self::path(state_dir);
-        let text = toml::to_string(&file).map_err(|e| StoreError::Unusable {
+        let text = self.to_toml().map_err(|why| StoreError::Unusable {
             path: path.clone(),
-            why: format!("cannot encode it: {e}"),
+            why,
         })?;
         write_atomic(state_dir, STATE_FILE, text.as_bytes()).map_err(|source| StoreError::Io {
             what: "writing",

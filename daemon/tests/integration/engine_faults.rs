@@ -1,5 +1,6 @@
 //! The executor under faults, operation by operation (assign of a group, release, a VF resize
-//! with assign, a forced VF destroy, a config apply):
+//! with assign, a forced VF destroy, a lease's start and end, the claim of a configured device
+//! that appears, a config apply):
 //! - a failure of each write in turn: everything the operation did is undone, exactly;
 //! - the daemon killed before each step in turn (a test failpoint): the next start finishes or
 //!   undoes the journaled plan, and the host converges: no device driverless by accident, no
@@ -7,13 +8,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::*;
 use nix::errno::Errno;
 use passthroughd::engine::{Engine, EngineOptions};
 use passthroughd::{Error, ErrorKind};
-use passthroughd_proto::{AssignOptions, ReleaseOptions, VfCreateOptions};
+use passthroughd_proto::{AssignOptions, LeaseOwner, ReleaseOptions, VfCreateOptions};
+use passthroughd_testkit::sim::SimDevice;
 
 /// Everything an operation may change: each function's driver and override, the PF's VF count
 /// and autoprobe, state.toml.
@@ -47,6 +49,9 @@ fn journals(host: &Host) -> usize {
 }
 
 type Setup = fn(&Host, &Engine);
+/// What the kernel does on its own just before the operation (a device appears): not the
+/// daemon's doing, so it is part of the state the operation starts from.
+type Arrive = Option<fn(&Host)>;
 type Op = fn(&Host, &Engine) -> Result<(), Error>;
 
 fn opts(assign: bool, force: bool) -> VfCreateOptions {
@@ -58,11 +63,12 @@ fn opts(assign: bool, force: bool) -> VfCreateOptions {
 }
 
 /// The operations under test: a name, what the host has first, the operation.
-fn operations() -> Vec<(&'static str, Setup, Op)> {
+fn operations() -> Vec<(&'static str, Setup, Arrive, Op)> {
     vec![
         (
             "assign --group",
             |_, _| {},
+            None,
             |_, m| {
                 let group = AssignOptions {
                     group: true,
@@ -77,6 +83,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                 m.assign(&caller(), &[a(NIC), a(NIC2)], AssignOptions::default())
                     .unwrap();
             },
+            None,
             |_, m| {
                 m.release(&caller(), &[a(NIC), a(NIC2)], ReleaseOptions::default())
                     .map(drop)
@@ -87,6 +94,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
             |_, m| {
                 m.vf_create(&caller(), a(PF), 2, opts(true, false)).unwrap();
             },
+            None,
             |_, m| {
                 m.vf_create(&caller(), a(PF), 4, opts(true, false))
                     .map(drop)
@@ -97,12 +105,50 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
             |_, m| {
                 m.vf_create(&caller(), a(PF), 3, opts(true, false)).unwrap();
             },
+            None,
             |_, m| m.vf_destroy(&caller(), a(PF), true).map(drop),
+        ),
+        (
+            "lease start",
+            |_, _| {},
+            None,
+            |_, m| {
+                m.lease_start(&caller(), &vmm(), &[a(NIC), a(NIC2)])
+                    .map(drop)
+            },
+        ),
+        (
+            "lease end",
+            |_, m| {
+                m.lease_start(&caller(), &vmm(), &[a(NIC), a(NIC2)])
+                    .unwrap();
+            },
+            None,
+            |_, m| m.lease_end(&caller(), &vmm()).map(drop),
+        ),
+        (
+            "hotplug claim (a configured device appears)",
+            |h, m| {
+                h.write_config(&format!("version = 1\n[[device]]\naddress = \"{NIC2}\"\n"));
+                m.reload();
+                h.sim.remove_device(a(NIC2)).unwrap();
+                m.device_events(&caller(), &BTreeSet::new(), &[a(NIC2)].into())
+                    .unwrap();
+            },
+            Some(|h| h.sim.add_device(&nic2_device()).unwrap()),
+            |_, m| {
+                let report = m.device_events(&caller(), &[a(NIC2)].into(), &BTreeSet::new())?;
+                match report.apply.failed.first() {
+                    None => Ok(()),
+                    Some(f) => Err(Error::Failed(f.reason.clone())),
+                }
+            },
         ),
         // One entry each: apply carries out entries independently (each all or nothing).
         (
             "apply [[device]]",
             |_, _| {},
+            None,
             |h, m| {
                 apply(
                     h,
@@ -114,6 +160,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
         (
             "apply [[sriov]]",
             |_, _| {},
+            None,
             |h, m| {
                 apply(
                     h,
@@ -123,6 +170,19 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
             },
         ),
     ]
+}
+
+/// A lease owner that no process check ends at a restart (a libvirt one would be stale there,
+/// with no QEMU running).
+fn vmm() -> LeaseOwner {
+    "vmm:vm1".parse().unwrap()
+}
+
+/// NIC2 as the common host has it, to bring it back after a removal.
+fn nic2_device() -> SimDevice {
+    let mut nic2 = SimDevice::new(a(NIC2), 0x020000, Some("igb"), 6);
+    nic2.device_id = 0x10c9;
+    nic2
 }
 
 /// Writes a config of `entries`, reloads it and applies it; a failed entry is an error.
@@ -150,10 +210,11 @@ fn prepared(setup: Setup) -> Host {
 #[test]
 fn a_failure_of_any_write_undoes_everything_the_operation_did() {
     let mut covered = 0;
-    for (name, setup, op) in operations() {
+    for (name, setup, arrive, op) in operations() {
         // How many writes a successful run makes.
         let host = prepared(setup);
         let (m, _) = host.open();
+        arrive.inspect(|f| f(&host));
         let before = host.sim.writes().len();
         op(&host, &m).unwrap();
         let writes = host.sim.writes().len() - before;
@@ -161,6 +222,7 @@ fn a_failure_of_any_write_undoes_everything_the_operation_did() {
         for n in 1..=writes {
             let host = prepared(setup);
             let (m, _) = host.open();
+            arrive.inspect(|f| f(&host));
             let expected = observe(&host);
             let assignments = m.assignments();
             host.sim.fail_nth_write(n, Errno::EIO);
@@ -179,7 +241,7 @@ fn a_failure_of_any_write_undoes_everything_the_operation_did() {
 #[test]
 fn a_daemon_killed_before_any_step_converges_at_the_next_start() {
     let mut covered = 0;
-    for (name, setup, op) in operations() {
+    for (name, setup, arrive, op) in operations() {
         let mut step = 0;
         loop {
             let host = prepared(setup);
@@ -187,6 +249,7 @@ fn a_daemon_killed_before_any_step_converges_at_the_next_start() {
                 let mut options = EngineOptions::for_root(&host.root());
                 options.die_before_step = Some(step);
                 let (m, _) = Engine::open_with(host.config(), options).unwrap();
+                arrive.inspect(|f| f(&host));
                 op(&host, &m).is_ok()
             };
             if finished {
@@ -202,6 +265,7 @@ fn a_daemon_killed_before_any_step_converges_at_the_next_start() {
             );
             // Nothing driverless by accident: every function that had a driver has one.
             let reference = prepared(setup);
+            arrive.inspect(|f| f(&reference));
             for (function, was) in observe(&reference) {
                 if function.starts_with("0000:") && !was.starts_with("None") {
                     let now = end.get(&function).cloned().unwrap_or_default();

@@ -18,6 +18,7 @@ mod engine_leases;
 mod engine_persist;
 mod engine_sriov;
 mod engine_verify;
+mod fuzz_replay;
 mod host_cli;
 mod host_fixtures;
 mod inventory_fixtures;

@@ -98,6 +98,32 @@ expect_eq vmm-lease-binds "$(driver_of "$vf2")" vfio-pci
 exit_is vmm-lease-end 0 "$CTL" lease end vmm:ch-1
 expect_eq vmm-lease-returns "$(driver_of "$vf2")" igbvf
 
+# The daemon killed in the middle of a lease's start, then of its end: strace delivers SIGKILL
+# at the write to drivers_probe, after the unbind. The next start finishes the journaled plan:
+# the lease held (a VMM may already be opening the device), then given back; never a VF without
+# a driver, never a lease the kernel does not show.
+crash_lease() {  # crash_lease NAME passthroughctl-ARGS...
+    local name="$1"; shift
+    stop_daemon
+    start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
+        -e trace=write -e inject=write:error=EIO:signal=KILL
+    "$CTL" "$@" >/dev/null 2>&1
+    wait_for "! alive $(daemon_pid)" 10
+    rm -f "$DAEMON_PIDFILE"
+    expect_eq "$name-killed-after-unbind" "$(driver_of "$vf2")" -
+    check "$name-journal-left" sh -c "ls '$STATE_DIR' | grep -q '^journal-'"
+    check "$name-recovers" start_daemon
+    check "$name-journal-done" sh -c "! ls '$STATE_DIR' | grep -q '^journal-'"
+}
+leased_to_crash() { "$CTL" --json lease list | jq -e '.[] | select(.owner == "vmm:crash")' >/dev/null; }
+not_leased_to_crash() { ! leased_to_crash; }
+crash_lease crash-lease-start lease start vmm:crash "$vf2"
+expect_eq crash-lease-start-finished "$(driver_of "$vf2")" vfio-pci
+check crash-lease-start-held leased_to_crash
+crash_lease crash-lease-end lease end vmm:crash
+expect_eq crash-lease-end-finished "$(driver_of "$vf2")" igbvf
+check crash-lease-end-gone not_leased_to_crash
+
 # 2. A real libvirtd with the hook installed (recipe: DESIGN notes in tests/vm/README.md).
 if command -v libvirtd >/dev/null && command -v virsh >/dev/null; then
     for d in /var/lib/libvirt /var/log/libvirt /var/cache/libvirt /run/libvirt; do

@@ -1,0 +1,5 @@
+//! Fuzz target `journal`: see passthroughd_testkit::fuzz.
+fn main() {
+    let target = passthroughd_testkit::fuzz::target("journal").expect("a known target");
+    afl::fuzz!(|data: &[u8]| target(data));
+}
