@@ -22,11 +22,12 @@ demo: setup release
 ## load, the install tree, then the real-kernel VM scenarios, benchmarks and the demo's short form
 test: setup lint unit fuzz-short load install-check vm vm-bench demo-short
 
-## test-long: the long forms, after everything `make test` runs: the D-Bus load for 60 s and
-## 10 minutes of fuzzing per parser
+## test-long: the long forms, after everything `make test` runs: the D-Bus load for 60 s,
+## 10 minutes of fuzzing per parser, and the benchmarks with every tool at every size
 test-long: test
 	$(MAKE) --no-print-directory load PT_LOAD_SECS=60
 	$(MAKE) --no-print-directory fuzz PT_FUZZ_SECS=600
+	PT_BENCH_FULL=1 $(MAKE) --no-print-directory vm-bench
 
 # The demo in CI, so it cannot rot: fewer steps, every step still checked.
 demo-short: release

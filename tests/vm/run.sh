@@ -111,7 +111,10 @@ QEMU_OPTS=(
 )
 
 q() { printf '%q ' "$@"; }
-GUEST_CMD="$(q env PT_BIN="$PT_BIN" PT_REPO="$REPO" PT_OUT="$PT_OUT" bash "$HERE/guest.sh" "$SCEN" "$@")"
+# The guest does not inherit this environment: the scenarios' own knobs (PT_BENCH_*) go by name.
+BENCH_ENV=()
+for v in $(compgen -v PT_BENCH_ || true); do BENCH_ENV+=("$v=${!v}"); done
+GUEST_CMD="$(q env PT_BIN="$PT_BIN" PT_REPO="$REPO" PT_OUT="$PT_OUT" "${BENCH_ENV[@]}" bash "$HERE/guest.sh" "$SCEN" "$@")"
 
 echo "run.sh: kernel $KERNEL, accel $([ "$use_kvm" = 1 ] && echo kvm || echo tcg), timeout ${TIMEOUT}s, scenario $SCEN, PT_OUT $PT_OUT" >&2
 start=$(date +%s.%N)

@@ -173,14 +173,60 @@ pub fn pci_path_components(path: &Path) -> Vec<PciAddress> {
 /// Sysfs attributes are at most a page; we read them with one `read` into a stack buffer rather
 /// than `fs::read_to_string`, which also stats the file: the inventory reads tens of thousands.
 pub fn read_attr(path: &Path) -> Result<Option<String>, ReadError> {
+    match File::open(path) {
+        Ok(file) => read_open_attr(file, &|| path.to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ReadError {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// One device's sysfs directory, opened once (`O_PATH`): its attributes are then opened
+/// relative to it, so that each open walks one path component instead of the whole path and the
+/// `bus/pci/devices` link. The full inventory scan opens tens of thousands of them.
+#[derive(Debug)]
+pub struct DeviceDir {
+    fd: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl DeviceDir {
+    /// `Ok(None)` when the device is gone.
+    pub fn open(path: PathBuf) -> Result<Option<Self>, ReadError> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        match nix::fcntl::open(&path, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => Ok(Some(Self { fd, path })),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(ReadError {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// [`read_attr`] of the attribute `name` (a fixed name, never a caller's string).
+    pub fn attr(&self, name: &str) -> Result<Option<String>, ReadError> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        match nix::fcntl::openat(&self.fd, name, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => read_open_attr(File::from(fd), &|| self.path.join(name)),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(ReadError {
+                path: self.path.join(name),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+/// The rest of [`read_attr`], once the file is open; `path` names it in errors.
+fn read_open_attr(mut file: File, path: &dyn Fn() -> PathBuf) -> Result<Option<String>, ReadError> {
     let fail = |source| ReadError {
-        path: path.to_owned(),
+        path: path(),
         source,
-    };
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(fail(e)),
     };
     // A sysfs attribute is produced by one `show()` call and handed out whole by the first
     // read, so a read shorter than the buffer is the complete value; that saves the second

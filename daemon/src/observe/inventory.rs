@@ -8,7 +8,7 @@ use passthroughd_proto::{IommuGroup, PciAddress, PciFunction, SriovPf, VfOf};
 use tracing::{debug, warn};
 
 use crate::kernel::sysfs::{
-    ReadError, SysfsRoot, parse_hex, read_attr, read_link_name, read_virtfn,
+    DeviceDir, ReadError, SysfsRoot, parse_hex, read_link_name, read_virtfn,
 };
 use crate::observe::groups;
 use crate::observe::pciids::PciIds;
@@ -313,14 +313,10 @@ fn read_function(
     address: PciAddress,
     last: Option<Option<&PciFunction>>,
 ) -> Result<Option<Scanned>, ReadError> {
-    let mut path = root.pci_device_dir(address);
-    // Reuse one path buffer: push an attribute name, read, pop.
-    let mut attr = |name: &str| -> Result<Option<String>, ReadError> {
-        path.push(name);
-        let value = read_attr(&path);
-        path.pop();
-        value
+    let Some(dir) = DeviceDir::open(root.pci_device_dir(address))? else {
+        return Ok(None);
     };
+    let attr = |name: &str| dir.attr(name);
     // `uevent` carries ids, class and driver in one read (six separate attributes otherwise);
     // the scan is dominated by the number of files opened.
     let Some(uevent) = attr("uevent")?.as_deref().and_then(Uevent::parse) else {
