@@ -127,7 +127,7 @@ ms() { [ -n "${MEDIAN[$1]:-}" ] && awk -v u="${MEDIAN[$1]}" 'BEGIN{printf "%8.1f
         done
         echo "  passthroughctl / bare loop:    $(ratio "${MEDIAN[passthroughctl-$n]:-0}" "${MEDIAN[bare-loop-$n]:-0}")x (target <= 1.2)"
         for m in dpdk-devbind driverctl; do
-            [ -n "${MEDIAN[$m-$n]:-}" ] && printf '  %-29s %sx (target >= 5)\n' "$m / passthroughctl:" \
+            [ -n "${MEDIAN[$m-$n]:-}" ] && printf '  %-31s%sx (target >= 5)\n' "$m / passthroughctl:" \
                 "$(ratio "${MEDIAN[$m-$n]}" "${MEDIAN[passthroughctl-$n]:-0}")"
         done
     done
