@@ -48,9 +48,9 @@ dctl() { local a; for a in "${VFS[@]}"; do driverctl --nosave set-override "$a" 
 dctl_restore() { local a; for a in "${VFS[@]}"; do driverctl --nosave unset-override "$a" >/dev/null 2>&1; done; restore; }
 
 declare -A MEDIAN
-# times NAME RUN: the median of $ROUNDS timed runs of RUN, after one untimed (cold caches: the
+# time_runs NAME RUN [ROUNDS]: the median of $ROUNDS timed runs of RUN, after one untimed (cold caches: the
 # daemon's first request, python's first import of a script are not what is compared).
-times() {
+time_runs() {
     local name="$1" run="$2" rounds="${3:-$ROUNDS}" i t0 t1 all=()
     $run
     for i in $(seq "$rounds"); do
@@ -89,12 +89,12 @@ list_dpdk() { dpdk-devbind.py --status >/dev/null 2>&1; }
 list_dctl() { driverctl list-devices >/dev/null 2>&1; }
 listed_all() { [ "$("$CTL" --json list | jq length)" = "$functions_total" ]; }
 check list-lists-all listed_all
-times list-passthroughctl list_ours
-times list-lspci list_lspci
-times list-dpdk-devbind list_dpdk "$SLOW_ROUNDS"
-times list-driverctl list_dctl "$SLOW_ROUNDS"
+time_runs list-passthroughctl list_ours
+time_runs list-lspci list_lspci
+time_runs list-dpdk-devbind list_dpdk "$SLOW_ROUNDS"
+time_runs list-driverctl list_dctl "$SLOW_ROUNDS"
 version_ours() { "$CTL" --version >/dev/null; }
-times cli-start version_ours
+time_runs cli-start version_ours
 
 all_vfs_on_igbvf() { VFS=("${ALL_VFS[@]}"); all_on igbvf; }
 check restore-baseline all_vfs_on_igbvf
