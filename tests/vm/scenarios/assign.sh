@@ -102,7 +102,7 @@ crash_assign() {  # crash_assign NAME [assign options]
     start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
         -e trace=write -e inject=write:error=EIO:signal=KILL
     "$CTL" assign "$@" "$e1000e" >/dev/null 2>&1
-    wait_for "! alive $(daemon_pid)" 10
+    daemon_gone 10
     rm -f "$DAEMON_PIDFILE"
     expect_eq "$name-killed-after-unbind" "$(driver_of "$e1000e")" -
     check "$name-journal-left" sh -c "ls '$STATE_DIR' | grep -qv '^state.toml$'"

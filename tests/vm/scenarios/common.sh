@@ -96,9 +96,14 @@ start_daemon() {
     fi
     # The log reaches PT_OUT (9p, ~20 ms a write under TCG) through cat, so the daemon never
     # waits on the test bed's shared folder; a host's journald socket takes a line in microseconds.
+    # cat is this shell's child, not the wrapper's: strace waits for all its children before it
+    # exits, and would wait forever on a cat that reads from strace's own output.
+    local log pid
+    exec {log}> >(exec cat >>"$PT_OUT/daemon.log" 2>/dev/null)
     "$@" "$PT_BIN/passthroughd" --bus system --state-dir "$STATE_DIR" "${DAEMON_FLAGS[@]}" \
-        > >(exec cat >>"$PT_OUT/daemon.log" 2>/dev/null) 2>&1 &
-    local pid=$!
+        >&"$log" 2>&1 {log}>&- &
+    pid=$!
+    exec {log}>&-
     echo "$pid" > "$DAEMON_PIDFILE"
     # Gives up as soon as the daemon (or its wrapper) exits, e.g. on a flag it does not know.
     wait_for '"$CTL" status >/dev/null 2>&1 || ! alive '"$pid" 30
@@ -137,6 +142,19 @@ stop_daemon() {
 }
 
 daemon_pid() { cat "$DAEMON_PIDFILE" 2>/dev/null; }
+
+# Waits up to $1 s for the daemon started last to be gone (killed by a fault). On a timeout it
+# prints every thread of what is left, with its state and kernel wait channel, on one line
+# (kept in $PT_OUT/still-there.txt).
+daemon_gone() {
+    local pid tree
+    pid="$(daemon_pid)"
+    wait_for "! alive $pid" "$1" && return 0
+    tree="$(echo "$pid" $(cat /proc/"$pid"/task/*/children 2>/dev/null))"
+    echo "still there:" $(ps -L -o pid=,tid=,stat=,wchan:28=,comm= -p "${tree// /,}" | tr -s ' \n' ' ;') |
+        tee -a "$PT_OUT/still-there.txt"
+    return 1
+}
 
 driver_of() { link_name "$SYS/$1/driver"; }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scenario (issue 10): the declarative config on a real kernel. A config with an [[sriov]] PF
 # (count and assigned indexes) and a [[device]] with group = true is applied at daemon start;
-# after the drivers are reset by hand and the daemon restarted, the same end state; apply
+# after the drivers are reset by hand and a restart killed in the middle of its apply, the next
+# start reaches the same end state; apply
 # --dry-run is then empty; an edit shows in --dry-run without changing anything, apply does it,
 # a second apply does nothing; a broken edit plus reload keeps the last good config and status
 # shows the line; an entry removed and applied is released to its host driver.
@@ -58,8 +59,19 @@ expect_eq status-sources "$(jq -r --arg a "$e1000" '.assignments[] | select(.add
 stop_daemon
 raw_release "$e1000"; raw_release "$pcnet"; echo 0 > "$SYS/$pf/sriov_numvfs"
 expect_eq reset-by-hand "$(driver_of "$e1000") $(cat "$SYS/$pf/sriov_numvfs")" "e1000 0"
+# This start is killed in the middle of its boot apply: strace delivers SIGKILL at the daemon's
+# first write to drivers_probe (a VF made, or a device unbound, and not yet bound). The start
+# after it finishes the journaled step and applies the rest: the same end state as ever.
+start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
+    -e trace=write -e inject=write:error=EIO:signal=KILL
+check boot-apply-killed daemon_gone 30
+rm -f "$DAEMON_PIDFILE"
+check boot-apply-journal-left sh -c "ls '$STATE_DIR' | grep -q '^journal-'"
+note "after the kill: $(end_state)"
+check boot-apply-not-finished test "$(end_state)" != "$WANTED"
 start_daemon
 check daemon-restarts "$CTL" status
+check boot-apply-journal-done sh -c "! ls '$STATE_DIR' | grep -q '^journal-'"
 expect_eq same-end-state-after-restart "$(end_state)" "$WANTED"
 exit_is dry-run-empty 0 "$CTL" apply --dry-run
 check dry-run-says-nothing-to-do grep -q "nothing to do" "$PT_OUT/last.out"

@@ -2,7 +2,8 @@
 # Scenario (issue 11): hotplug and early boot on a real kernel with udevd. With the config
 #   [[device]] match = the igb VF ids        [[device]] address = the second igb PF
 # and the shipped udev rule installed:
-# - VFs made by a plain `echo N > sriov_numvfs` end on vfio-pci without any request;
+# - VFs made by a plain `echo N > sriov_numvfs` end on vfio-pci without any request, also when
+#   the daemon is killed in the middle of the claim (the next start finishes it);
 # - the configured PF removed and rescanned with igb loaded ends on vfio-pci (igb probes it
 #   once: the PCI core binds a loaded driver before udev runs; the count is reported);
 # - with igb not loaded when the PF appears (unload, remove, rescan: udev loads igb), igb never
@@ -57,6 +58,25 @@ t1=$(date +%s%N)
 note "VFs from echo 2 > sriov_numvfs to both on vfio-pci: $(( (t1 - t0) / 1000000 )) ms"
 exit_is status-hotplug 0 "$CTL" status
 check status-shows-hotplug grep -q "hotplug: .* appeared: claimed" "$PT_OUT/last.out"
+echo 0 > "$SYS/$pf0/sriov_numvfs"
+
+# The daemon killed in the middle of a claim: strace delivers SIGKILL at its write to
+# drivers_probe, after it unbound a new VF from igbvf. The next start finishes the journaled
+# claim; nothing stays without a driver.
+stop_daemon
+start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
+    -e trace=write -e inject=write:error=EIO:signal=KILL
+check daemon-starts-under-strace "$CTL" status
+echo 2 > "$SYS/$pf0/sriov_numvfs"
+vfs="$(vfs_of "$pf0" 2)"
+check claim-killed daemon_gone 30
+rm -f "$DAEMON_PIDFILE"
+note "VF drivers after the kill: $(for a in $vfs; do driver_of "$a"; done | tr '\n' ' ')"
+check claim-killed-after-unbind sh -c "for a in $(echo $vfs); do [ -e $SYS/\$a/driver ] || exit 0; done; exit 1"
+check claim-journal-left sh -c "ls '$STATE_DIR' | grep -q '^journal-'"
+check claim-recovers start_daemon
+check claim-finished-after-restart wait_for 'all_on vfio-pci "$vfs"' 30
+check claim-journal-done sh -c "! ls '$STATE_DIR' | grep -q '^journal-'"
 echo 0 > "$SYS/$pf0/sriov_numvfs"
 
 # The configured PF removed and rescanned while igb is loaded.

@@ -108,7 +108,7 @@ crash_lease() {  # crash_lease NAME passthroughctl-ARGS...
     start_daemon strace -f -qq -o /dev/null -P /sys/bus/pci/drivers_probe \
         -e trace=write -e inject=write:error=EIO:signal=KILL
     "$CTL" "$@" >/dev/null 2>&1
-    wait_for "! alive $(daemon_pid)" 10
+    daemon_gone 10
     rm -f "$DAEMON_PIDFILE"
     expect_eq "$name-killed-after-unbind" "$(driver_of "$vf2")" -
     check "$name-journal-left" sh -c "ls '$STATE_DIR' | grep -q '^journal-'"
