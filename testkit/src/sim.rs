@@ -73,6 +73,17 @@ impl SimSriov {
     }
 }
 
+/// A device lock held by someone else (see [`SimKernel::hold_device_lock`]); dropping it lets
+/// blocked readers go on.
+#[derive(Debug)]
+pub struct HeldDeviceLock(Vec<(PathBuf, Vec<u8>)>);
+
+impl Drop for HeldDeviceLock {
+    fn drop(&mut self) {
+        SimKernel::unlock_attrs(std::mem::take(&mut self.0));
+    }
+}
+
 /// One write the engine made, path relative to the root, value as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimWrite {
@@ -540,6 +551,13 @@ impl SimKernel {
     /// reads wait behind a blocked unbind; blocked readers get an empty value at the end.
     pub fn lock_device_during_writes(&self, address: PciAddress) {
         self.state().device_locks.insert(address);
+    }
+
+    /// Holds the device lock of `address` as another process's write does (`echo N >
+    /// sriov_numvfs` by hand holds its PF's lock until the last VF is made): reading its
+    /// `driver_override` or `sriov_numvfs` blocks until the guard is dropped.
+    pub fn hold_device_lock(&self, address: PciAddress) -> HeldDeviceLock {
+        HeldDeviceLock(self.lock_attrs(address))
     }
 
     /// A process holding a VFIO device fd without its group fd (`anon_inode:[vfio-device]`).

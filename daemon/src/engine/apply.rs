@@ -171,8 +171,21 @@ impl Engine {
                     .into(),
             );
         }
+        // VFs that appear are made one by one under their PF's lock, taken by whoever writes
+        // `sriov_numvfs`: reading that PF's locked attributes would wait for the last VF, and
+        // the first would be claimed only after all are made.
+        let busy_pfs: HashSet<PciAddress> = only
+            .into_iter()
+            .flatten()
+            .filter_map(|&a| {
+                read_link_name(&self.root.pci_device_attr(a, "physfn"))
+                    .ok()
+                    .flatten()
+                    .and_then(|pf| pf.parse().ok())
+            })
+            .collect();
         for phase in [Phase::Vfs, Phase::Functions] {
-            let inventory = self.inventory()?;
+            let inventory = self.inventory_avoiding(&busy_pfs)?;
             let functions: Vec<&PciFunction> = inventory.functions.iter().collect();
             let snapshot =
                 HostSnapshot::gather(&self.root, &functions, self.options.addresses.as_ref());

@@ -7,8 +7,18 @@ impl Engine {
     /// A fresh scan of functions and groups. Takes no lock: never waits for a bind, and never
     /// reads an attribute the kernel has locked for a write in flight.
     pub fn inventory(&self) -> Result<Inventory, Error> {
+        self.inventory_avoiding(&HashSet::new())
+    }
+
+    /// [`Self::inventory`], also leaving alone the locked attributes of the functions in
+    /// `busy_pfs`: PFs whose new VFs are still being made by someone else's `sriov_numvfs`
+    /// write, which holds the PF's lock until the last VF is made.
+    pub(super) fn inventory_avoiding(
+        &self,
+        busy_pfs: &HashSet<PciAddress>,
+    ) -> Result<Inventory, Error> {
         let last = lock(&self.cached).as_ref().map(|(_, _, i)| Arc::clone(i));
-        let skip = |a: PciAddress| self.write_in_flight(a);
+        let skip = |a: PciAddress| busy_pfs.contains(&a) || self.write_in_flight(a);
         let avoid = Avoid {
             skip: &skip,
             last: last.as_deref(),

@@ -256,8 +256,9 @@ fn read_vf_of(root: &SysfsRoot, address: PciAddress) -> Result<Option<VfOf>, Rea
 ///
 /// The kernel takes a device's lock to show `driver_override` and `sriov_numvfs` (and
 /// `sriov_drivers_autoprobe`), and a write in flight on the device (an unbind waiting for a VM to
-/// let go) holds that lock for as long as it waits. A reader must never wait behind it: for such
-/// a function the scan serves the last known values (from `last`), or none.
+/// let go, a `sriov_numvfs` write making VFs) holds that lock for as long as it waits. A reader
+/// must never wait behind it: for such a function the scan serves the last known values (from
+/// `last`), or none, and counts a PF's VFs from its `virtfnN` links.
 pub struct Avoid<'a> {
     pub skip: &'a (dyn Fn(PciAddress) -> bool + Sync),
     pub last: Option<&'a Inventory>,
@@ -338,7 +339,14 @@ fn read_function(
         Some(total_vfs) if total_vfs > 0 => {
             let known = last.map(|f| f.and_then(|f| f.sriov));
             let num_vfs = match known {
-                Some(sriov) => sriov.map_or(0, |s| s.num_vfs),
+                // The VFs made so far: the kernel adds `virtfn0`, `virtfn1`... one by one
+                // (and removes them all) while it holds the lock, without taking it to read.
+                Some(_) => {
+                    while let Some(vf) = read_virtfn(root, address, virtfns.len() as u32)? {
+                        virtfns.push((virtfns.len() as u32, vf));
+                    }
+                    virtfns.len() as u32
+                }
                 None => attr("sriov_numvfs")?
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(0),
@@ -347,9 +355,11 @@ fn read_function(
                 Some(sriov) => sriov.is_none_or(|s| s.drivers_autoprobe),
                 None => attr("sriov_drivers_autoprobe")?.as_deref() != Some("0"),
             };
-            for index in 0..num_vfs {
-                if let Some(vf) = read_virtfn(root, address, index)? {
-                    virtfns.push((index, vf));
+            if known.is_none() {
+                for index in 0..num_vfs {
+                    if let Some(vf) = read_virtfn(root, address, index)? {
+                        virtfns.push((index, vf));
+                    }
                 }
             }
             Some(SriovPf {

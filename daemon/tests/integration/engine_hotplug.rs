@@ -118,18 +118,49 @@ fn an_event_touches_only_the_functions_it_names() {
     assert!(report.apply.changes.is_empty());
 }
 
-#[test]
-fn vfs_made_by_another_tool_are_claimed_by_a_match_rule_and_nothing_else_is() {
+/// A config matching the igb VF ids, and 3 VFs made by `echo 3 > sriov_numvfs` by hand
+/// (igbvf binds them), not yet handled.
+fn three_echoed_vfs_and_a_match_rule() -> (Host, Engine, Vec<PciAddress>) {
     let host = sriov_host();
     host.write_config(
         "version = 1\n[[device]]\nmatch = { vendor = \"0x8086\", device = \"0x10ca\" }\n",
     );
     let (m, _) = host.open();
-    // `echo 3 > sriov_numvfs` by hand: igbvf binds the new VFs.
     host.sim
         .write(&host.root().pci_device_attr(a(PF), "sriov_numvfs"), b"3")
         .unwrap();
     let vfs = vfs_of(&host, 3);
+    (host, m, vfs)
+}
+
+#[test]
+fn a_vf_is_claimed_while_another_tool_still_holds_its_pf_making_the_next_ones() {
+    let (host, m, vfs) = three_echoed_vfs_and_a_match_rule();
+    // The kernel holds the PF's lock until the write has made its last VF; the event for the
+    // first comes before that.
+    let pf_lock = host.sim.hold_device_lock(a(PF));
+    std::thread::scope(|scope| {
+        let pass = scope.spawn(|| added(&m, &vfs[..1]));
+        let until = Instant::now() + Duration::from_secs(10);
+        while !pass.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let finished_under_the_lock = pass.is_finished();
+        drop(pf_lock);
+        let report = pass.join().unwrap();
+        assert!(
+            finished_under_the_lock,
+            "the hotplug pass waited for the PF's lock"
+        );
+        assert_eq!(report.apply.changes.len(), 1, "{:?}", report.apply);
+    });
+    assert_eq!(host.sim.driver_of(vfs[0]).as_deref(), Some("vfio-pci"));
+    assert_eq!(host.sim.driver_of(vfs[1]).as_deref(), Some("igbvf"));
+}
+
+#[test]
+fn vfs_made_by_another_tool_are_claimed_by_a_match_rule_and_nothing_else_is() {
+    let (host, m, vfs) = three_echoed_vfs_and_a_match_rule();
     assert!(
         vfs.iter()
             .all(|v| host.sim.driver_of(*v).as_deref() == Some("igbvf"))
