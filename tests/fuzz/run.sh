@@ -31,13 +31,24 @@ BIN="$REPO/fuzz/target/release"
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_FAST_CAL=1
 # A core_pattern that pipes to a crash handler (systemd-coredump, apport) only delays crashes.
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
+# One AFL++ instance per core at a time (each is single-threaded): the same executions per
+# target in half the time on two cores. PT_FUZZ_JOBS overrides.
+JOBS="${PT_FUZZ_JOBS:-$(nproc)}"
+fuzz_one() {
+    rm -rf "${OUT:?}/$1" "$OUT/$1.failed"
+    cargo afl fuzz -V "$SECS" -i "$REPO/tests/fuzz/$1" -o "$OUT/$1" "$BIN/$1" >"$OUT/$1.log" 2>&1 ||
+        touch "$OUT/$1.failed"
+}
+mkdir -p "$OUT"
+for t in "${TARGETS[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    fuzz_one "$t" &
+done
+wait
 failed=0
 printf '%-11s %10s %9s %7s %7s %6s\n' target executions exec/s corpus crashes hangs
 for t in "${TARGETS[@]}"; do
-    rm -rf "${OUT:?}/$t"
-    mkdir -p "$OUT"
-    if ! cargo afl fuzz -V "$SECS" -i "$REPO/tests/fuzz/$t" -o "$OUT/$t" "$BIN/$t" \
-        >"$OUT/$t.log" 2>&1; then
+    if [ -e "$OUT/$t.failed" ]; then
         echo "fuzz: AFL++ failed on $t; the end of $OUT/$t.log:" >&2
         tail -n 20 "$OUT/$t.log" >&2
         exit 1
