@@ -208,6 +208,9 @@ pub struct Engine {
     executor: Arc<Executor>,
     registry: Arc<Mutex<Registry>>,
     config: Mutex<ConfigSlot>,
+    /// One reload at a time; the file is read outside `config`'s lock, so readers of the config
+    /// in force never wait for a file that is still being written.
+    reloading: Mutex<()>,
     started: Instant,
     errors: Mutex<VecDeque<String>>,
     /// What the last apply did not do (for `status`).
@@ -291,6 +294,7 @@ impl Engine {
             executor,
             registry,
             config: Mutex::new(slot),
+            reloading: Mutex::new(()),
             started: Instant::now(),
             errors: Mutex::new(VecDeque::new()),
             last_refused: Mutex::new(Vec::new()),

@@ -213,7 +213,10 @@ impl Engine {
 
     /// Re-reads the config file; a broken one keeps the last good config in force.
     pub fn reload(&self) -> ConfigState {
-        let state = lock(&self.config).reload();
+        let _one_at_a_time = lock(&self.reloading);
+        let path = lock(&self.config).path().to_owned();
+        let read = crate::store::config::read_settled(&path);
+        let state = lock(&self.config).take(read);
         if let Some(e) = &state.error {
             self.note_error(&format!("config: {e}"));
         }

@@ -70,8 +70,19 @@ impl ConfigSlot {
     /// Re-reads the file. A missing file is an empty desired state; a broken or unreadable one
     /// keeps the last good config in force and records why.
     pub fn reload(&mut self) -> ConfigState {
+        let read = read_settled(&self.path);
+        self.take(read)
+    }
+
+    /// The config file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What [`Self::reload`] does with the file once read (by [`read_settled`]).
+    pub fn take(&mut self, read: std::io::Result<Option<String>>) -> ConfigState {
         let origin = self.path.display().to_string();
-        match read_settled(&self.path) {
+        match read {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.good = Some(Arc::new(Config::empty()));
                 self.present = false;
@@ -138,7 +149,7 @@ impl ConfigSlot {
 /// inode at the path) or written in place (size or times moving, or modified within [`SETTLE`])
 /// while it is read would hand the parser part of a file, and part of a config can be a valid
 /// config with fewer entries, whose devices the next apply would release.
-fn read_settled(path: &Path) -> std::io::Result<Option<String>> {
+pub fn read_settled(path: &Path) -> std::io::Result<Option<String>> {
     let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
         (
             a.dev(),
