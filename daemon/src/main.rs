@@ -314,6 +314,12 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
+        // Signal handlers go in before the name is taken: once it is, a caller (systemd's
+        // ExecReload, a test) may send SIGHUP at once, and its default action ends the process.
+        let Some(signals) = Signals::install() else {
+            error!("cannot install the signal handlers");
+            return ExitCode::FAILURE;
+        };
         let backend: Arc<dyn service::Backend> = engine.clone();
         let connection = match service::serve(&flags.bus, backend, ServiceConfig::default()).await {
             Ok(connection) => connection,
@@ -330,7 +336,7 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
                 connection.clone(),
             ));
         }
-        let code = match serve_until_stopped(&connection, &engine).await {
+        let code = match serve_until_stopped(&connection, &engine, signals).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 error!("{why}; exiting so that the service manager restarts the daemon");
@@ -352,21 +358,36 @@ fn run(flags: &Flags, root: SysfsRoot, ids: PciIds) -> ExitCode {
     code
 }
 
+/// The signals the daemon acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Self {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+        })
+    }
+}
+
 /// Serves until SIGTERM/SIGINT (`Ok`) or until the bus name is lost (`Err`); SIGHUP re-reads
 /// the config.
 async fn serve_until_stopped(
     connection: &zbus::Connection,
     engine: &Arc<Engine>,
+    signals: Signals,
 ) -> Result<(), String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    );
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
-        return Err("cannot wait for signals".into());
-    };
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let lost = service::name_lost(connection);
     tokio::pin!(lost);
     loop {

@@ -26,6 +26,16 @@ struct Daemon {
 impl Daemon {
     /// The daemon over a one-NIC tree, serving on `bus`, with a 1 s write limit.
     fn start(bus: &TestBus) -> Self {
+        let daemon = Self::spawn(bus);
+        assert!(
+            daemon.wait(Duration::from_secs(10), |d| d.owns_name()),
+            "the daemon never took its name"
+        );
+        daemon
+    }
+
+    /// As `start`, without waiting for the daemon to take its name.
+    fn spawn(bus: &TestBus) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
@@ -51,18 +61,13 @@ impl Daemon {
         let connection = runtime
             .block_on(bus.bus().builder().unwrap().build())
             .unwrap();
-        let daemon = Self {
+        Self {
             child,
             dir,
             root,
             runtime,
             connection,
-        };
-        assert!(
-            daemon.wait(Duration::from_secs(10), |d| d.owns_name()),
-            "the daemon never took its name"
-        );
-        daemon
+        }
     }
 
     fn proxy(&self) -> ManagerProxy<'_> {
@@ -252,4 +257,59 @@ fn sighup_reloads_the_config_and_a_broken_file_keeps_the_last_good_one() {
     let state = config(&d);
     assert!(state.error.unwrap().contains("config.toml:4:9:"));
     assert_eq!(state.entries, 1, "the last good config stays");
+}
+
+#[test]
+fn a_sighup_sent_the_moment_the_name_is_taken_does_not_end_the_daemon() {
+    use zbus::export::futures_core::Stream;
+    let bus = TestBus::start();
+    // Watch for the name before the daemon exists, so the signal goes out the moment it is
+    // taken: systemd's ExecReload may come that early. Before the handlers were installed
+    // ahead of taking the name, SIGHUP's default action ended the daemon here (seen in CI).
+    for _ in 0..5 {
+        let watcher = bus_connection(&bus);
+        // The stream's drop unsubscribes through the runtime.
+        let _in_runtime = watcher.runtime.enter();
+        let mut taken = watcher.runtime.block_on(async {
+            let dbus = zbus::fdo::DBusProxy::new(&watcher.connection)
+                .await
+                .unwrap();
+            dbus.receive_name_owner_changed_with_args(&[(0, SERVICE)])
+                .await
+                .unwrap()
+        });
+        let mut d = Daemon::spawn(&bus);
+        watcher.runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut taken).poll_next(cx)),
+            )
+            .await
+            .expect("the daemon never took its name")
+        });
+        d.signal(nix::sys::signal::Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(d.exited(), None, "SIGHUP ended the daemon");
+        assert!(d.owns_name());
+    }
+}
+
+/// A plain connection to `bus` with its own runtime.
+struct Watcher {
+    runtime: tokio::runtime::Runtime,
+    connection: zbus::Connection,
+}
+
+fn bus_connection(bus: &TestBus) -> Watcher {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connection = runtime
+        .block_on(bus.bus().builder().unwrap().build())
+        .unwrap();
+    Watcher {
+        runtime,
+        connection,
+    }
 }
