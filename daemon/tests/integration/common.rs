@@ -171,3 +171,25 @@ pub fn sriov_host_with(config: SimSriov) -> Host {
     host.sim.configure_sriov(a(PF), config);
     host
 }
+
+/// A plain connection to a test bus, on its own runtime, for tests that call blocking code.
+pub struct BusClient {
+    pub runtime: tokio::runtime::Runtime,
+    pub connection: zbus::Connection,
+}
+
+impl BusClient {
+    pub fn connect(bus: &passthroughd_testkit::bus::TestBus) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let connection = runtime
+            .block_on(bus.bus().builder().unwrap().build())
+            .unwrap();
+        Self {
+            runtime,
+            connection,
+        }
+    }
+}

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use passthroughd_proto::dbus::{ManagerProxy, SERVICE};
 use passthroughd_testkit::bus::TestBus;
+
+use crate::common::BusClient;
 use passthroughd_testkit::sim::{SimDevice, SimKernel};
 
 const NIC: &str = "0000:01:00.0";
@@ -54,13 +56,10 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let connection = runtime
-            .block_on(bus.bus().builder().unwrap().build())
-            .unwrap();
+        let BusClient {
+            runtime,
+            connection,
+        } = BusClient::connect(bus);
         Self {
             child,
             dir,
@@ -267,7 +266,7 @@ fn a_sighup_sent_the_moment_the_name_is_taken_does_not_end_the_daemon() {
     // taken: systemd's ExecReload may come that early. Before the handlers were installed
     // ahead of taking the name, SIGHUP's default action ended the daemon here (seen in CI).
     for _ in 0..5 {
-        let watcher = bus_connection(&bus);
+        let watcher = BusClient::connect(&bus);
         // The stream's drop unsubscribes through the runtime.
         let _in_runtime = watcher.runtime.enter();
         let mut taken = watcher.runtime.block_on(async {
@@ -291,25 +290,5 @@ fn a_sighup_sent_the_moment_the_name_is_taken_does_not_end_the_daemon() {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(d.exited(), None, "SIGHUP ended the daemon");
         assert!(d.owns_name());
-    }
-}
-
-/// A plain connection to `bus` with its own runtime.
-struct Watcher {
-    runtime: tokio::runtime::Runtime,
-    connection: zbus::Connection,
-}
-
-fn bus_connection(bus: &TestBus) -> Watcher {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let connection = runtime
-        .block_on(bus.bus().builder().unwrap().build())
-        .unwrap();
-    Watcher {
-        runtime,
-        connection,
     }
 }

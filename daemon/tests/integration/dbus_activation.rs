@@ -18,6 +18,8 @@ use passthroughd_testkit::bus::TestBus;
 use passthroughd_testkit::sim::{SimDevice, SimKernel};
 use zbus::proxy::CacheProperties;
 
+use crate::common::BusClient;
+
 const SHIPPED: &str = include_str!("../../../systemd/org.passthroughd.Passthrough1.service");
 const NIC: &str = "0000:01:00.0";
 
@@ -67,13 +69,10 @@ impl Setup {
         .unwrap();
         sim.add_driver("vfio-pci").unwrap();
         let bus = TestBus::with_services(&services);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let connection = runtime
-            .block_on(bus.bus().builder().unwrap().build())
-            .unwrap();
+        let BusClient {
+            runtime,
+            connection,
+        } = BusClient::connect(&bus);
         Self {
             dir,
             services,
