@@ -262,6 +262,18 @@ impl SimKernel {
         self.state().probe_nothing.insert(address);
     }
 
+    /// An igb-like SR-IOV PF (82576: 7 VFs at most, on igb) at `pf` in `group`, with no VFs
+    /// enabled; VF n will be in group `first_vf_group + n`.
+    pub fn add_igb_pf(&self, pf: PciAddress, group: u32, first_vf_group: u32) -> io::Result<()> {
+        let mut device = SimDevice::new(pf, 0x020000, Some("igb"), group);
+        device.device_id = 0x10c9;
+        device.sriov_totalvfs = 7;
+        self.add_device(&device)?;
+        std::fs::write(self.sysfs().pci_device_attr(pf, "sriov_numvfs"), "0\n")?;
+        self.configure_sriov(pf, SimSriov::igb(first_vf_group));
+        Ok(())
+    }
+
     /// Makes `pf` an SR-IOV PF whose driver can enable VFs as `sriov` says.
     pub fn configure_sriov(&self, pf: PciAddress, sriov: SimSriov) {
         self.state().sriov.insert(pf, sriov);

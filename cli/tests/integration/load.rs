@@ -19,7 +19,7 @@ use crate::common::*;
 use passthroughd::{Engine, EngineConfig, PciIds};
 use passthroughd_proto::PciAddress;
 use passthroughd_proto::dbus::{Error as DbusError, ManagerProxy};
-use passthroughd_testkit::sim::{SimDevice, SimKernel, SimOp, SimSriov};
+use passthroughd_testkit::sim::{SimDevice, SimKernel, SimOp};
 
 const CLIENTS: usize = 64;
 const NICS: u8 = 16;
@@ -182,13 +182,7 @@ fn sixty_four_clients_mixed_requests_and_a_blocked_device() {
         device.device_id = 0x10c9;
         sim.add_device(&device).unwrap();
     }
-    let pf: PciAddress = PF.parse().unwrap();
-    let mut device = SimDevice::new(pf, 0x020000, Some("igb"), 10);
-    device.device_id = 0x10c9;
-    device.sriov_totalvfs = 7;
-    sim.add_device(&device).unwrap();
-    std::fs::write(sim.sysfs().pci_device_attr(pf, "sriov_numvfs"), "0\n").unwrap();
-    sim.configure_sriov(pf, SimSriov::igb(20));
+    sim.add_igb_pf(PF.parse().unwrap(), 10, 20).unwrap();
     sim.delay(SimOp::Unbind, BLOCKED.parse().unwrap(), BLOCK);
     let state_dir = dir.path().join("state");
     let (engine, _) = Engine::open(EngineConfig {
