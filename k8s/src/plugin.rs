@@ -2,7 +2,7 @@
 //! (through the daemon), a CDI spec and KubeVirt's metadata; unprepare undoes that from local
 //! state alone. Also what the node offers, for the ResourceSlices.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -89,9 +89,18 @@ impl Plugin {
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<Answer>, String> {
         check_claim_id(&claim.uid, &claim.namespace, &claim.name).map_err(|e| e.to_string())?;
         let _one = self.one_at_a_time.lock().await;
+        let started = std::time::Instant::now();
         let result = self.prepare_locked(claim).await;
-        if let Err(e) = &result {
-            tracing::warn!(claim = %claim.uid, "prepare of {}/{} failed: {e}", claim.namespace, claim.name);
+        let ms = started.elapsed().as_millis();
+        match &result {
+            Ok(devices) => tracing::info!(
+                claim = %claim.uid, devices = devices.len(), ms,
+                "prepared {}/{}", claim.namespace, claim.name
+            ),
+            Err(e) => tracing::warn!(
+                claim = %claim.uid, ms,
+                "prepare of {}/{} failed: {e}", claim.namespace, claim.name
+            ),
         }
         result
     }
@@ -129,19 +138,9 @@ impl Plugin {
             .map_err(|e| e.to_string())?;
         // From here on a failure gives the lease back: kubelet retries the whole prepare.
         let finished = async {
-            let groups: BTreeMap<String, i64> = self
-                .daemon
-                .functions()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|row| (row.address, row.iommu_group))
-                .collect();
             let mut devices = Vec::new();
             for (request, device, address) in wanted {
-                let group = groups
-                    .get(&address.to_string())
-                    .and_then(|g| u32::try_from(*g).ok())
+                let group = iommu_group(&self.sysfs, address)
                     .ok_or_else(|| format!("{address} is in no IOMMU group"))?;
                 devices.push(PreparedDevice {
                     request,
@@ -319,6 +318,21 @@ impl Plugin {
     pub fn prepared(&self) -> Vec<PreparedClaim> {
         self.store.all()
     }
+}
+
+/// The IOMMU group of a function, from its `iommu_group` link: the lease has just bound it
+/// to vfio-pci, so the group is the one `/dev/vfio/GROUP` now stands for.
+fn iommu_group(sysfs: &Path, address: PciAddress) -> Option<u32> {
+    let link = sysfs
+        .join("bus/pci/devices")
+        .join(address.to_string())
+        .join("iommu_group");
+    std::fs::read_link(link)
+        .ok()?
+        .file_name()?
+        .to_str()?
+        .parse()
+        .ok()
 }
 
 /// The iommufd device node of a function bound to vfio-pci (`/dev/vfio/devices/vfioN`), when
