@@ -300,16 +300,6 @@ impl Publisher {
         Ok(true)
     }
 
-    /// Deletes this node's slices of this driver (plugin shutdown with --remove-slices-on-exit).
-    pub async fn withdraw(&mut self) -> Result<(), ClusterError> {
-        for slice in self.list().await? {
-            if let Some(name) = &slice.metadata.name {
-                self.delete(name).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// This driver's slices for this node. The field selector saves the transfer; the filter
     /// here makes sure, should a server ignore the selector, that we never touch another's.
     async fn list(&self) -> Result<Vec<ResourceSlice>, ClusterError> {

@@ -340,8 +340,8 @@ async fn the_publisher_writes_only_changes_and_never_reuses_a_generation() {
     assert!(fresh.publish(&offered[..11]).await.unwrap());
     assert_eq!(pool(&server), [(4, 1)]);
 
-    // Withdrawn: none of ours left, the others untouched.
-    fresh.withdraw().await.unwrap();
+    // Nothing offered (every function gone): none of ours left, the others untouched.
+    assert!(fresh.publish(&[]).await.unwrap());
     let left: Vec<String> = server
         .slices()
         .iter()
