@@ -145,7 +145,8 @@ impl Files {
             .join(format!("passthroughd.io-vfio_{claim_uid}.json"))
     }
 
-    fn metadata_path(&self, claim_uid: &str, request: &str) -> PathBuf {
+    /// Where the metadata of one request of a claim is written (and mounted from).
+    pub fn metadata_path(&self, claim_uid: &str, request: &str) -> PathBuf {
         self.metadata_dir
             .join(claim_uid)
             .join(request)
@@ -305,6 +306,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    // Readable by all: the container runtime reads the spec, and KubeVirt's virt-launcher
+    // (not root) reads the metadata it mounts. The temporary file starts out 0600.
+    file.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     std::io::Write::write_all(&mut file, &text)?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;

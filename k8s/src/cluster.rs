@@ -4,6 +4,7 @@
 //! kube's. Errors say what failed; the API server's answer (or kube's) is kept as the source.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceClaim;
@@ -92,9 +93,22 @@ impl ClusterError {
     }
 }
 
+/// How long one request to the API server may take. kube waits forever by default; kubelet
+/// gives a prepare 45 s and prepares run one at a time, so one hung request must not use that
+/// up for every claim behind it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A client for the cluster in `kubeconfig`, or, without one, for the cluster kube infers
 /// ($KUBECONFIG, ~/.kube/config, then the in-cluster service account).
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
+    connect_within(kubeconfig, REQUEST_TIMEOUT).await
+}
+
+/// [`connect`], with every request (connecting, sending, the answer) bounded by `timeout`.
+pub async fn connect_within(
+    kubeconfig: Option<&Path>,
+    timeout: Duration,
+) -> Result<Client, ClusterError> {
     let config = match kubeconfig {
         Some(path) => {
             let failed = |source| ClusterError::Kubeconfig {
@@ -110,6 +124,12 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> 
             .await
             .map_err(|source| ClusterError::Infer { source })?,
     };
+    let mut config = config;
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    // The read timeout counts from each request, not from when a pooled connection went idle.
+    config.reset_reader_on_write = true;
     let url = config.cluster_url.to_string();
     Client::try_from(config).map_err(|source| ClusterError::Client { url, source })
 }
@@ -157,4 +177,50 @@ pub async fn node_owner(client: &Client, node: &str) -> Result<OwnerReference, C
         controller: Some(true),
         block_owner_deletion: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An API server that accepts connections and never answers must not hold a prepare (and
+    /// every prepare queued behind it) past kubelet's 45 s.
+    #[tokio::test]
+    async fn a_silent_api_server_fails_the_request_within_the_timeout() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": url}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+        });
+        std::fs::write(&kubeconfig, config.to_string()).unwrap();
+        let client = connect_within(Some(&kubeconfig), Duration::from_millis(300))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let failed = tokio::time::timeout(Duration::from_secs(10), get_claim(&client, "vms", "a"))
+            .await
+            .expect("the request was not bounded")
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            failed
+                .one_line()
+                .contains("cannot read resource claim vms/a"),
+            "{}",
+            failed.one_line()
+        );
+        drop(silent);
+    }
 }

@@ -2,7 +2,7 @@
 //! ResourceSlices and turns kubelet's prepare of a claim into a passthroughd lease owned by the
 //! claim's UID, plus a CDI spec; see docs/dra.md.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +55,60 @@ struct Flags {
     resync_secs: u64,
 }
 
+impl Flags {
+    /// Where the sockets and files go, all absolute: GetInfo hands kubelet the DRA socket's
+    /// path and the CDI spec hands the runtime the metadata's, and neither runs in this
+    /// process's working directory. Socket paths kubelet could not dial are refused.
+    fn layout(&self) -> Result<(Sockets, Files), String> {
+        if !is_dns_subdomain(&self.driver_name) {
+            return Err(format!(
+                "--driver-name {:?} is not a DNS subdomain, as Kubernetes requires of driver names",
+                self.driver_name
+            ));
+        }
+        let absolute =
+            |path: &Path| std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()));
+        let plugin_dir =
+            absolute(&self.plugin_dir.clone().unwrap_or_else(|| {
+                PathBuf::from("/var/lib/kubelet/plugins").join(&self.driver_name)
+            }))?;
+        let sockets = Sockets {
+            registration: absolute(&self.registry_dir)?
+                .join(format!("{}-reg.sock", self.driver_name)),
+            dra: plugin_dir.join("dra.sock"),
+        };
+        for path in [&sockets.registration, &sockets.dra] {
+            if path.as_os_str().len() > kubelet::MAX_SOCKET_PATH {
+                return Err(kubelet::SocketError::TooLong {
+                    path: path.clone(),
+                    len: path.as_os_str().len(),
+                }
+                .to_string());
+            }
+        }
+        let files = Files {
+            cdi_dir: absolute(&self.cdi_dir)?,
+            metadata_dir: plugin_dir.join("metadata"),
+            driver: self.driver_name.clone(),
+        };
+        Ok((sockets, files))
+    }
+}
+
+/// A DNS subdomain (RFC 1123): dot-separated labels, at most 253 bytes.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     tracing_subscriber::fmt()
@@ -90,26 +144,7 @@ async fn run(flags: Flags) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let plugin_dir = flags
-        .plugin_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet/plugins").join(&flags.driver_name));
-    let sockets = Sockets {
-        registration: flags
-            .registry_dir
-            .join(format!("{}-reg.sock", flags.driver_name)),
-        dra: plugin_dir.join("dra.sock"),
-    };
-    // Refused before anything else happens: kubelet could never dial such a path.
-    for path in [&sockets.registration, &sockets.dra] {
-        if path.as_os_str().len() > kubelet::MAX_SOCKET_PATH {
-            return Err(kubelet::SocketError::TooLong {
-                path: path.clone(),
-                len: path.as_os_str().len(),
-            }
-            .to_string());
-        }
-    }
+    let (sockets, files) = flags.layout()?;
     let daemon = Daemon::connect(&flags.bus)
         .await
         .map_err(|e| e.to_string())?;
@@ -121,11 +156,6 @@ async fn run(flags: Flags) -> Result<(), String> {
         .map_err(|e| e.one_line())?;
     let store = ClaimStore::open(&flags.state_dir)
         .map_err(|e| format!("{}: {e}", flags.state_dir.display()))?;
-    let files = Files {
-        cdi_dir: flags.cdi_dir.clone(),
-        metadata_dir: plugin_dir.join("metadata"),
-        driver: flags.driver_name.clone(),
-    };
     let plugin = Arc::new(Plugin::new(
         flags.driver_name.clone(),
         flags.node_name.clone(),
@@ -163,4 +193,54 @@ async fn run(flags: Flags) -> Result<(), String> {
     follow.abort();
     publish.abort();
     served.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(["passthroughd-dra", "--node-name", "n1"].iter().chain(args)).unwrap()
+    }
+
+    #[test]
+    fn relative_directories_become_absolute_paths_for_kubelet_and_the_runtime() {
+        let (sockets, files) = flags(&[
+            "--plugin-dir",
+            "plug",
+            "--registry-dir",
+            "reg",
+            "--cdi-dir",
+            "cdi",
+        ])
+        .layout()
+        .unwrap();
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(sockets.dra, here.join("plug/dra.sock"));
+        assert_eq!(
+            sockets.registration,
+            here.join("reg/vfio.passthroughd.io-reg.sock")
+        );
+        assert_eq!(files.metadata_dir, here.join("plug/metadata"));
+        assert_eq!(files.cdi_dir, here.join("cdi"));
+        let (sockets, _) = flags(&[]).layout().unwrap();
+        assert_eq!(
+            sockets.dra,
+            Path::new("/var/lib/kubelet/plugins/vfio.passthroughd.io/dra.sock")
+        );
+    }
+
+    #[test]
+    fn a_driver_name_that_is_no_dns_subdomain_or_a_socket_path_too_long_is_refused() {
+        for bad in ["../x", "a/b", "Vfio.io", "-a.io", "a..io", ""] {
+            let refused = flags(&[&format!("--driver-name={bad}")])
+                .layout()
+                .unwrap_err();
+            assert!(refused.contains("DNS subdomain"), "{bad}: {refused}");
+        }
+        let deep = format!("/{}", "d".repeat(100));
+        let refused = flags(&["--plugin-dir", &deep]).layout().unwrap_err();
+        assert!(refused.contains("108"), "{refused}");
+    }
 }

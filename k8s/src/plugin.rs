@@ -113,16 +113,32 @@ impl Plugin {
             .map_err(|e| format!("local state: {e}"))?
         {
             // Prepared before (kubelet retries, or restarted): the same answer. Taking the lease
-            // again changes nothing while it is held, and takes it back after a reboot.
+            // again changes nothing while it is held, and takes it back after a reboot or after
+            // someone ended it by hand; the device nodes are read again, since a rebind may have
+            // given them new numbers.
             let addresses: Vec<PciAddress> = prepared.devices.iter().map(|d| d.address).collect();
             self.daemon
                 .lease_start(uid, &addresses)
                 .await
                 .map_err(|e| e.to_string())?;
+            let devices = prepared
+                .devices
+                .iter()
+                .map(|d| self.located(d.request.clone(), d.device.clone(), d.address))
+                .collect::<Result<Vec<_>, _>>()?;
             self.files
-                .write(&prepared.claim, &prepared.devices)
+                .write(&prepared.claim, &devices)
                 .map_err(|e| format!("writing the CDI spec: {e}"))?;
-            return Ok(self.answers(uid, &prepared.devices));
+            if devices != prepared.devices {
+                tracing::info!(claim = %uid, "device nodes changed since the claim was prepared");
+                self.store
+                    .put(&PreparedClaim {
+                        claim: prepared.claim,
+                        devices: devices.clone(),
+                    })
+                    .map_err(|e| format!("recording the claim: {e}"))?;
+            }
+            return Ok(self.answers(uid, &devices));
         }
         let object = crate::cluster::get_claim(&self.cluster, &claim.namespace, &claim.name)
             .await
@@ -138,19 +154,10 @@ impl Plugin {
             .map_err(|e| e.to_string())?;
         // From here on a failure gives the lease back: kubelet retries the whole prepare.
         let finished = async {
-            let mut devices = Vec::new();
-            for (request, device, address) in wanted {
-                let group = iommu_group(&self.sysfs, address)
-                    .ok_or_else(|| format!("{address} is in no IOMMU group"))?;
-                devices.push(PreparedDevice {
-                    request,
-                    pool: self.pool.clone(),
-                    device,
-                    address,
-                    iommu_group: group,
-                    iommufd_node: iommufd_node(&self.sysfs, address),
-                });
-            }
+            let devices = wanted
+                .into_iter()
+                .map(|(request, device, address)| self.located(request, device, address))
+                .collect::<Result<Vec<_>, _>>()?;
             self.files
                 .write(&info, &devices)
                 .map_err(|e| format!("writing the CDI spec: {e}"))?;
@@ -176,6 +183,26 @@ impl Plugin {
                 Err(e)
             }
         }
+    }
+
+    /// A leased device with the nodes a container needs, read from sysfs now: the lease has
+    /// just bound it to vfio-pci, so its group is the one `/dev/vfio/GROUP` stands for.
+    fn located(
+        &self,
+        request: String,
+        device: String,
+        address: PciAddress,
+    ) -> Result<PreparedDevice, String> {
+        let group = iommu_group(&self.sysfs, address)
+            .ok_or_else(|| format!("{address} is in no IOMMU group"))?;
+        Ok(PreparedDevice {
+            request,
+            pool: self.pool.clone(),
+            device,
+            address,
+            iommu_group: group,
+            iommufd_node: iommufd_node(&self.sysfs, address),
+        })
     }
 
     /// Checks the claim kubelet named against the API server's copy and picks the allocation
@@ -220,13 +247,20 @@ impl Plugin {
             let address = address_of(&result.device).ok_or_else(|| {
                 format!("{:?} is not a device this driver published", result.device)
             })?;
-            // A subrequest ("nic/intel") belongs to its request, the name pods refer to.
+            // A subrequest ("nic/intel") belongs to its request, the name pods refer to. It
+            // becomes a directory of KubeVirt's metadata path, so only a DNS label passes.
             let request = result
                 .request
                 .split('/')
                 .next()
                 .unwrap_or_default()
                 .to_owned();
+            if !is_dns_label(&request) {
+                return Err(format!(
+                    "claim {}/{} names request {:?}, which is not a DNS label",
+                    asked.namespace, asked.name, result.request
+                ));
+            }
             wanted.push((request, result.device.clone(), address));
         }
         let info = ClaimInfo {
@@ -320,8 +354,18 @@ impl Plugin {
     }
 }
 
-/// The IOMMU group of a function, from its `iommu_group` link: the lease has just bound it
-/// to vfio-pci, so the group is the one `/dev/vfio/GROUP` now stands for.
+/// A DNS label (RFC 1123), what Kubernetes allows as a request name.
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+}
+
+/// The IOMMU group of a function, from its `iommu_group` link.
 fn iommu_group(sysfs: &Path, address: PciAddress) -> Option<u32> {
     let link = sysfs
         .join("bus/pci/devices")

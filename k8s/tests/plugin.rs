@@ -350,6 +350,12 @@ fn a_claim_becomes_a_lease_and_a_cdi_spec_and_unprepare_gives_it_back() {
         spec["devices"][0]["containerEdits"]["deviceNodes"][1]["path"],
         format!("/dev/vfio/{group}")
     );
+    // The runtime reads the spec and KubeVirt's launcher (not root) the metadata.
+    let metadata = files.metadata_path(UID, "nic");
+    for file in [files.spec_path(UID), metadata] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o644, "{}", file.display());
+    }
 
     // Again (kubelet retries; a restarted kubelet asks again): the same answer, nothing
     // written to sysfs, nothing asked of the API server.
@@ -396,8 +402,20 @@ fn bad_claims_get_their_own_error_and_change_nothing() {
         &device_name(vf),
         "nic",
     ));
+    // A request name that is not a DNS label (it would become a directory of the metadata
+    // path); the API server refuses it, the plugin does not rely on that.
+    node.api.add_claim(ApiServer::allocated_claim(
+        "vms",
+        "climber",
+        "ffff",
+        DRIVER,
+        NODE,
+        &device_name(vf),
+        "../../etc",
+    ));
     let writes = node.sim.writes().len();
     for (name, uid, why) in [
+        ("climber", "ffff", "DNS label"),
         ("recreated", "aaaa-old", "UID"),
         ("pending", "bbbb", "not allocated"),
         ("elsewhere", "cccc", "pool"),
@@ -468,6 +486,43 @@ fn after_a_restart_with_a_stale_socket_prepare_answers_the_same_and_unprepare_wo
     assert_eq!(node.unprepare("vm1-nic", UID), "");
     assert_eq!(node.driver(vf).as_deref(), Some("igbvf"));
     assert!(node.leases().is_empty());
+}
+
+#[test]
+fn a_lease_ended_behind_the_plugins_back_is_taken_again_and_the_nodes_read_again() {
+    let node = TestNode::start();
+    let vf = node.vf(0);
+    node.claim_for("vm1-nic", UID, vf);
+    let answer = node.prepare("vm1-nic", UID);
+    assert_eq!(answer.error, "");
+    let record_path = node.path("plugin-state/claims").join(format!("{UID}.json"));
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap()
+    };
+    let group = record()["devices"][0]["iommu_group"].clone();
+    // As after a reboot, or an administrator ending the lease by hand: the device is back on
+    // its host driver, and the recorded group is no longer what the kernel says (stood in
+    // for here by a record that names another group).
+    node.manager(|m| async move {
+        m.lease_end(&format!("k8s:{UID}")).await.unwrap();
+    });
+    assert_eq!(node.driver(vf).as_deref(), Some("igbvf"));
+    let mut stale = record();
+    stale["devices"][0]["iommu_group"] = 999.into();
+    std::fs::write(&record_path, serde_json::to_vec(&stale).unwrap()).unwrap();
+
+    assert_eq!(node.prepare("vm1-nic", UID), answer);
+    assert_eq!(node.driver(vf).as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        node.leases(),
+        [(format!("k8s:{UID}"), vec![vf.to_string()])]
+    );
+    assert_eq!(record()["devices"][0]["iommu_group"], group);
+    let spec = spec(&node.files().spec_path(UID));
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["deviceNodes"][1]["path"],
+        format!("/dev/vfio/{group}")
+    );
 }
 
 #[test]

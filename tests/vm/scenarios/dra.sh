@@ -7,7 +7,8 @@
 # register -> a slice shows the igb VF -> prepare a claim allocated to it: the VF is on vfio-pci,
 # its /dev/vfio/GROUP is in the CDI spec, the lease belongs to the claim, the metadata file
 # decodes to its address as KubeVirt decodes it -> daemon and plugin restart (the plugin killed:
-# stale sockets) -> prepare again answers the same -> unprepare: the VF is on igbvf and the
+# stale sockets) -> prepare again answers the same -> the lease ended by hand (as a reboot
+# ends it) -> prepare takes it again -> unprepare: the VF is on igbvf and the
 # files are gone. A VF leased to a VM (the libvirt hook) is refused to a claim and left alone.
 . "$PT_REPO/tests/vm/lib.sh"
 . "$PT_REPO/tests/vm/scenarios/common.sh"
@@ -93,7 +94,9 @@ t1="${EPOCHREALTIME/./}"
 expect_eq prepare-exit-0 "$rc" 0
 plugin_ms() { grep "prepared vms/vm1-nic" "$D/plugin.log" | sed -n "${1}s/.* ms=\([0-9]*\).*/\1/p"; }
 note "prepare of one VF: $(( (t1 - t0) / 1000 )) ms for the kubelet stand-in's whole call (its own start included), $(plugin_ms 1) ms in the plugin (claim read, lease, files)"
-expect_eq prepare-no-error "$(jq -r --arg u "$UID1" '.[$u].error' "$D/prepare1.json")" ""
+# answered FILE UID: the stand-in's answer has an entry for the claim, without an error.
+answered() { jq -e --arg u "$2" 'has($u) and .[$u].error == ""' "$1" >/dev/null; }
+check prepare-no-error answered "$D/prepare1.json" "$UID1"
 expect_eq prepare-device "$(jq -c --arg u "$UID1" '.[$u].devices[0] | [.requestNames, .poolName, .deviceName]' "$D/prepare1.json")" \
     "[[\"nic\"],\"$NODE\",\"$(name_of "$vf1")\"]"
 expect_eq vf1-on-vfio "$(driver_of "$vf1") $(driver_of "$vf0")" "vfio-pci igbvf"
@@ -118,6 +121,8 @@ meta_host="$(jq -r '.devices[].containerEdits.mounts[]?.hostPath' "$SPEC")"
 meta_ctr="$(jq -r '.devices[].containerEdits.mounts[]?.containerPath' "$SPEC")"
 expect_eq metadata-container-path "$meta_ctr" \
     "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/vm1-nic/nic/$DRIVER-metadata.json"
+# Readable by KubeVirt's launcher, which is not root.
+expect_eq metadata-and-spec-mode-644 "$(stat -c %a "$meta_host" "$SPEC" | tr '\n' ' ')" "644 644 "
 expect_eq metadata-decodes-to-vf1 "$(jq -r 'select(.apiVersion == "metadata.resource.k8s.io/v1alpha1" and .kind == "DeviceMetadata") | .requests[].devices[].attributes["resource.kubernetes.io/pciBusID"].string' "$meta_host" | head -n1)" "$vf1"
 check slice-shows-vf1-taken wait_for '[ "$(free_of "$vf1")" = false ]' 30
 cp "$SPEC" "$D/spec1.json"
@@ -147,6 +152,16 @@ expect_eq prepare-after-restart-same "$(cat "$D/prepare3.json")" "$(cat "$D/prep
 expect_eq lease-after-restart "$("$CTL" --json lease list | jq -r '.[].owner')" "k8s:$UID1"
 expect_eq vf1-still-on-vfio "$(driver_of "$vf1")" vfio-pci
 
+# 5b. The lease ended behind the plugin's back (as a reboot does, or an administrator): the VF
+# is back on igbvf; kubelet's next prepare takes it again, with the nodes read from sysfs.
+check lease-ended-by-hand "$CTL" lease end "k8s:$UID1"
+check vf1-back-after-hand-end wait_for '[ "$(driver_of "$vf1")" = igbvf ]' 10
+"$KUBELET" prepare "$EP" vms vm1-nic "$UID1" >"$D/prepare4.json"
+expect_eq prepare-after-lease-end-same "$(cat "$D/prepare4.json")" "$(cat "$D/prepare1.json")"
+expect_eq vf1-on-vfio-again "$(driver_of "$vf1")" vfio-pci
+expect_eq lease-taken-again "$("$CTL" --json lease list | jq -r '.[].owner')" "k8s:$UID1"
+check cdi-group-matches-sysfs jq -e --arg g "/dev/vfio/$(group_of "$vf1")" '[.devices[].containerEdits.deviceNodes[]?.path] | index($g)' "$SPEC"
+
 # 6. A VF leased to a VM (the libvirt hook) is refused to a claim and left as it was.
 domain="<domain type='qemu'><name>vm9</name><devices>$("$CTL" show "$vf0" --libvirt)</devices></domain>"
 t0="${EPOCHREALTIME/./}"
@@ -169,13 +184,14 @@ printf '%s' "$domain" | "$CTL" libvirt-hook vm9 release end - >/dev/null 2>&1
 # 7. Unprepare (the claim already deleted in the API server): the VF goes back, files go.
 curl -sf -X DELETE "$URL/apis/resource.k8s.io/v1/namespaces/vms/resourceclaims/vm1-nic" >/dev/null
 "$KUBELET" unprepare "$EP" vms vm1-nic "$UID1" >"$D/unprepare.json"
-expect_eq unprepare-ok "$(jq -r --arg u "$UID1" '.[$u].error' "$D/unprepare.json")" ""
+check unprepare-ok answered "$D/unprepare.json" "$UID1"
 check vf1-back-on-igbvf wait_for '[ "$(driver_of "$vf1")" = igbvf ]' 10
 expect_eq no-leases "$("$CTL" --json lease list | jq -c .)" "[]"
 check spec-gone test ! -e "$SPEC"
-check metadata-gone test ! -e "$meta_host"
+check metadata-gone test ! -e "$meta_host" -a ! -e "$K/plugins/$DRIVER/metadata/$UID1"
+check claim-record-gone test ! -e "$K/state/claims/$UID1.json"
 "$KUBELET" unprepare "$EP" vms vm1-nic "$UID1" >"$D/unprepare2.json"
-expect_eq unprepare-unknown-ok "$(jq -r --arg u "$UID1" '.[$u].error' "$D/unprepare2.json")" ""
+check unprepare-unknown-ok answered "$D/unprepare2.json" "$UID1"
 check slice-shows-vf1-free-again wait_for '[ "$(free_of "$vf1")" = true ]' 30
 
 # 8. SIGTERM: the plugin removes its sockets (kubelet deregisters it).
