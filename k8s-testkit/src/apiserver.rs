@@ -89,15 +89,7 @@ impl ApiServer {
 
     /// A kubeconfig pointing at the stand-in, without TLS or credentials (JSON, which is YAML).
     pub fn kubeconfig(&self) -> String {
-        let config = json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "standin", "cluster": {"server": self.url()}}],
-            "users": [{"name": "standin", "user": {}}],
-            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
-            "current-context": "standin",
-        });
-        format!("{config:#}\n")
+        kubeconfig_for(&self.url())
     }
 
     /// Writes [`Self::kubeconfig`] to `path`. Panics if it cannot: the test cannot go on.
@@ -935,6 +927,19 @@ impl Refusal {
         }
         status
     }
+}
+
+/// A kubeconfig naming `url` as its cluster, with no credentials (the stand-in needs none).
+pub fn kubeconfig_for(url: &str) -> String {
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "standin", "cluster": {"server": url}}],
+        "users": [{"name": "standin", "user": {}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
+        "current-context": "standin",
+    });
+    format!("{config:#}\n")
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ pub struct PreparedClaim {
 pub enum ClaimIdError {
     #[error("the claim UID {0:?} is not a Kubernetes UID (1 to 64 of a-z, 0-9, '-')")]
     Uid(String),
-    #[error("the claim {what} {value:?} is not a Kubernetes name (1 to 253 of a-z, 0-9, '-', '.')")]
+    #[error(
+        "the claim {what} {value:?} is not a Kubernetes name (a DNS label for a namespace, a DNS subdomain for a name)"
+    )]
     Name { what: &'static str, value: String },
 }
 
@@ -35,13 +37,10 @@ pub fn check_claim_id(uid: &str, namespace: &str, name: &str) -> Result<(), Clai
     if !uid_ok {
         return Err(ClaimIdError::Uid(uid.chars().take(80).collect()));
     }
-    for (what, value) in [("namespace", namespace), ("name", name)] {
-        let ok = !value.is_empty()
-            && value.len() <= 253
-            && !value.starts_with('.')
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    for (what, value, ok) in [
+        ("namespace", namespace, is_dns_label(namespace)),
+        ("name", name, is_dns_subdomain(name)),
+    ] {
         if !ok {
             return Err(ClaimIdError::Name {
                 what,
@@ -50,6 +49,23 @@ pub fn check_claim_id(uid: &str, namespace: &str, name: &str) -> Result<(), Clai
         }
     }
     Ok(())
+}
+
+/// A DNS label (RFC 1123): what Kubernetes allows as a namespace or a request name.
+pub fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+}
+
+/// A DNS subdomain (RFC 1123): dot-separated labels, at most 253 bytes; what Kubernetes allows
+/// as an object's name and a driver's.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
 /// The directory of prepared claims.
@@ -133,7 +149,11 @@ mod tests {
             ("u1", "", "a"),
             ("u1", "vms", "a/b"),
             ("u1", "vms", ".."),
-            ("u1", &"n".repeat(254), "a"),
+            ("u1", &"n".repeat(64), "a"),
+            ("u1", "a.b", "a"),
+            ("u1", "vms", "a..b"),
+            ("u1", "vms", "-a"),
+            ("u1", "vms", &"n".repeat(254)),
         ] {
             assert!(
                 check_claim_id(uid, ns, name).is_err(),

@@ -48,8 +48,8 @@ pub enum SocketError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Binds a unix socket at `path`, replacing a stale socket a killed plugin left behind.
-pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+/// Refuses a socket path kubelet could never dial (108 bytes or more).
+pub fn check_socket_path(path: &Path) -> Result<(), SocketError> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(SocketError::TooLong {
@@ -57,6 +57,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
             len,
         });
     }
+    Ok(())
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket a killed plugin left behind.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    check_socket_path(path)?;
     let io = |source| SocketError::Io {
         path: path.to_owned(),
         source,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use passthroughd_dra::cdi::Files;
-use passthroughd_dra::claims::ClaimStore;
+use passthroughd_dra::claims::{ClaimStore, is_dns_subdomain};
 use passthroughd_dra::daemon::Daemon;
 use passthroughd_dra::kubelet::{self, Sockets};
 use passthroughd_dra::plugin::Plugin;
@@ -78,13 +78,7 @@ impl Flags {
             dra: plugin_dir.join("dra.sock"),
         };
         for path in [&sockets.registration, &sockets.dra] {
-            if path.as_os_str().len() > kubelet::MAX_SOCKET_PATH {
-                return Err(kubelet::SocketError::TooLong {
-                    path: path.clone(),
-                    len: path.as_os_str().len(),
-                }
-                .to_string());
-            }
+            kubelet::check_socket_path(path).map_err(|e| e.to_string())?;
         }
         let files = Files {
             cdi_dir: absolute(&self.cdi_dir)?,
@@ -93,20 +87,6 @@ impl Flags {
         };
         Ok((sockets, files))
     }
-}
-
-/// A DNS subdomain (RFC 1123): dot-separated labels, at most 253 bytes.
-fn is_dns_subdomain(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
 }
 
 fn main() -> ExitCode {

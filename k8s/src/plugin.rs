@@ -10,7 +10,7 @@ use k8s_openapi::api::resource::v1::ResourceClaim;
 use passthroughd_proto::PciAddress;
 
 use crate::cdi::{ClaimInfo, Files, POD_CLAIM_NAME, PreparedDevice};
-use crate::claims::{ClaimStore, PreparedClaim, check_claim_id};
+use crate::claims::{ClaimStore, PreparedClaim, check_claim_id, is_dns_label};
 use crate::daemon::Daemon;
 use crate::slices::{OfferedDevice, address_of};
 
@@ -352,17 +352,6 @@ impl Plugin {
     pub fn prepared(&self) -> Vec<PreparedClaim> {
         self.store.all()
     }
-}
-
-/// A DNS label (RFC 1123), what Kubernetes allows as a request name.
-fn is_dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-')
 }
 
 /// The IOMMU group of a function, from its `iommu_group` link.

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -13,6 +14,7 @@ use passthroughd_dra::slices::{
     build_slices, device_name,
 };
 use passthroughd_dra_testkit::ApiServer;
+use passthroughd_dra_testkit::apiserver;
 use passthroughd_proto::PciAddress;
 use serde_json::json;
 
@@ -454,4 +456,42 @@ async fn a_kubeconfig_that_is_not_there_is_named() {
         "{error:?}"
     );
     assert!(error.to_string().contains("no-such.kubeconfig"), "{error}");
+}
+
+/// An API server that accepts connections and never answers must not hold a prepare (and
+/// every prepare queued behind it) past kubelet's 45 s.
+#[test]
+fn a_silent_api_server_fails_the_request_within_the_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    std::fs::write(&kubeconfig, apiserver::kubeconfig_for(&url)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = cluster::connect_within(Some(&kubeconfig), Duration::from_millis(300))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let failed = tokio::time::timeout(
+            Duration::from_secs(10),
+            cluster::get_claim(&client, "vms", "a"),
+        )
+        .await
+        .expect("the request was not bounded")
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            failed
+                .one_line()
+                .contains("cannot read resource claim vms/a"),
+            "{}",
+            failed.one_line()
+        );
+    });
+    drop(silent);
 }
